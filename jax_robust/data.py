@@ -1,0 +1,237 @@
+"""Data sources: each returns a `Dataset` of NHWC float32 images in [0, 1] and int32 labels.
+
+Sources (name -> where the data come from):
+  digits         scikit-learn's `load_digits` (1,797 real 8x8 digits, 17 grey levels), split
+                 1,437 train / 360 test, stratified, `random_state=0`; embedded, no download.
+  fashion_mnist  the four gzipped IDX files in `data_dir` (default
+                 /usr/share/datasets/fashion-mnist, Debian package `dataset-fashion-mnist`);
+                 falls back to TFDS `fashion_mnist` when the directory has no IDX files.
+  mnist          IDX files in `data_dir` if it holds them, else TFDS `mnist`.
+  cifar10        TFDS `cifar10` through `tfds.data_source` (no TensorFlow needed).
+  svhn           TFDS `svhn_cropped` (train and test splits; `extra` is not used, as in the paper).
+
+Each source also gives its data set's default eps (l_inf attack radius, pixel units).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Callable
+
+import numpy as np
+
+from jax_robust.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+# digits: the smallest train-train l_inf distance to another label is 7/16 = 0.4375
+# (see README, "Separation"), so any eps below 0.21875 keeps the data eps-separated;
+# 0.1 (as for MNIST) leaves a factor 2.2 of margin.
+DEFAULT_EPS = {"digits": 0.1, "mnist": 0.1, "fashion_mnist": 0.1, "cifar10": 0.031, "svhn": 0.031}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set is: `levels` is the number of grey steps (pixel = k / levels)."""
+
+    name: str
+    num_classes: int
+    eps: float
+    levels: int
+    image_shape: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Images [N, H, W, C] float32 in [0, 1]; labels [N] int32."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    info: DatasetInfo
+
+    def as_uint8(self, split: str) -> np.ndarray:
+        """Images of `split` ('train' or 'test') as exact integer grey levels k in [0, levels]."""
+        x = self.x_train if split == "train" else self.x_test
+        return np.rint(x * self.info.levels).astype(np.uint8)
+
+
+def _make(name: str, x_train, y_train, x_test, y_test, levels: int, num_classes: int) -> Dataset:
+    info = DatasetInfo(
+        name=name,
+        num_classes=num_classes,
+        eps=DEFAULT_EPS[name],
+        levels=levels,
+        image_shape=tuple(int(d) for d in x_train.shape[1:]),
+    )
+    return Dataset(
+        x_train=np.ascontiguousarray(x_train, np.float32),
+        y_train=np.asarray(y_train, np.int32),
+        x_test=np.ascontiguousarray(x_test, np.float32),
+        y_test=np.asarray(y_test, np.int32),
+        info=info,
+    )
+
+
+def load_digits(data_dir: str | None = None) -> Dataset:
+    """scikit-learn's 8x8 digits; pixel values k/16; stratified split, 360 test images."""
+    del data_dir
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_load_digits()
+    x = digits.images.astype(np.float32)[..., None] / 16.0
+    y = digits.target
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=360, stratify=y, random_state=0
+    )
+    return _make("digits", x_train, y_train, x_test, y_test, levels=16, num_classes=10)
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one IDX file (MNIST's format), gzipped or not, into an array of its stored shape."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} bytes of data for shape {dims}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(data_dir: str, stem: str) -> str | None:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def has_idx_files(data_dir: str | None) -> bool:
+    return bool(data_dir) and all(_find_idx(data_dir, s) for s in IDX_FILES.values())
+
+
+def load_idx_dir(name: str, data_dir: str) -> Dataset:
+    """MNIST-format data set from the four IDX files (gzipped or not) in `data_dir`."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist")
+    arrays = {}
+    for key, stem in IDX_FILES.items():
+        path = _find_idx(data_dir, stem)
+        if path is None:
+            raise DataError(f"{data_dir} has no {stem}[.gz] (needed for {name})")
+        arrays[key] = read_idx(path)
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(f"{data_dir}: {split} images and labels differ in count")
+    images = {k: arrays[k][..., None].astype(np.float32) / 255.0 for k in ("x_train", "x_test")}
+    return _make(
+        name, images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"],
+        levels=255, num_classes=int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1,
+    )
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _tfds_split_arrays(source) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    first = source[0]
+    x = np.empty((n,) + np.asarray(first["image"]).shape, np.uint8)
+    y = np.empty((n,), np.int32)
+    for i in range(n):
+        record = source[i]
+        x[i] = record["image"]
+        y[i] = record["label"]
+    return x, y
+
+
+def load_tfds(name: str, tfds_name: str, data_dir: str | None, num_classes: int) -> Dataset:
+    """A TFDS image classification data set read through `tfds.data_source` into host memory."""
+    import tensorflow_datasets as tfds
+
+    try:
+        sources = tfds.data_source(tfds_name, split=["train", "test"], data_dir=data_dir,
+                                   download=False)
+    except Exception as e:  # TFDS raises assorted errors for a data set that is not prepared.
+        where = data_dir or "the default TFDS data dir"
+        raise DataError(
+            f"TFDS data set {tfds_name} is not prepared in {where} "
+            f"(prepare it with `tfds build {tfds_name}` where there is network): "
+            f"{type(e).__name__}"
+        ) from None
+    (x_train, y_train), (x_test, y_test) = (_tfds_split_arrays(s) for s in sources)
+    return _make(
+        name, x_train.astype(np.float32) / 255.0, y_train,
+        x_test.astype(np.float32) / 255.0, y_test, levels=255, num_classes=num_classes,
+    )
+
+
+def load_mnist(data_dir: str | None = None) -> Dataset:
+    if has_idx_files(data_dir):
+        return load_idx_dir("mnist", data_dir)
+    return load_tfds("mnist", "mnist", data_dir, 10)
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> Dataset:
+    data_dir = data_dir or FASHION_MNIST_DIR
+    if has_idx_files(data_dir):
+        return load_idx_dir("fashion_mnist", data_dir)
+    if data_dir == FASHION_MNIST_DIR and not os.path.isdir(data_dir):
+        raise DataError(
+            f"Fashion-MNIST not found in {data_dir}: "
+            "`apt-get install dataset-fashion-mnist`, or pass --data_dir"
+        )
+    return load_tfds("fashion_mnist", "fashion_mnist", data_dir, 10)
+
+
+def load_cifar10(data_dir: str | None = None) -> Dataset:
+    return load_tfds("cifar10", "cifar10", data_dir, 10)
+
+
+def load_svhn(data_dir: str | None = None) -> Dataset:
+    return load_tfds("svhn", "svhn_cropped", data_dir, 10)
+
+
+SOURCES: dict[str, Callable[[str | None], Dataset]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "svhn": load_svhn,
+}
+
+
+def load_dataset(name: str, data_dir: str | None = None, max_train: int | None = None,
+                 max_test: int | None = None) -> Dataset:
+    """Loads data set `name` (see module doc); `max_train`/`max_test` keep the first points."""
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
+    if data_dir and not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist")
+    ds = SOURCES[name](data_dir)
+    if max_train is not None or max_test is not None:
+        ds = dataclasses.replace(
+            ds,
+            x_train=ds.x_train[:max_train], y_train=ds.y_train[:max_train],
+            x_test=ds.x_test[:max_test], y_test=ds.y_test[:max_test],
+        )
+    return ds
