@@ -1,0 +1,123 @@
+"""Train and evaluate one configuration; prints the paper's row and writes results.json.
+
+    python experiments/run.py --method=rst --lam=2
+    python experiments/run.py --method=trades --beta=6 --dataset=fashion_mnist --arch=cnn2
+
+Re-running with the same --workdir resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import cli  # noqa: F401  (sets XLA flags before jax is imported)
+from absl import flags
+
+from jax_robust import config as cfglib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("method", "natural", "natural, gr, llr, at, trades or rst")
+flags.DEFINE_string("variant", "official", "official (the official code, quirks included) or "
+                    "paper (the published formulas)")
+flags.DEFINE_float("beta", None, "TRADES beta (default 6)")
+flags.DEFINE_float("lam", None, "lambda of GR (default 1), LLR (4) and RST (1)")
+flags.DEFINE_float("mu", None, "LLR mu (default 3)")
+flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10 or svhn")
+flags.DEFINE_string("data_dir", None, "directory of the data set's files (IDX or TFDS)")
+flags.DEFINE_integer("max_train", None, "use only the first N training points")
+flags.DEFINE_integer("max_test", None, "use only the first N test points")
+flags.DEFINE_string("arch", "cnn1", "cnn1, cnn2, wrn, resnet50 or linear")
+flags.DEFINE_float("dropout", None, "dropout rate (default: the arch's official rate; 0 = off)")
+flags.DEFINE_integer("wrn_depth", 40, "WideResNet depth (6n+4)")
+flags.DEFINE_integer("wrn_width", 10, "WideResNet widen factor")
+flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
+flags.DEFINE_float("eps", None, "l_inf radius in pixel units (default: the data set's)")
+flags.DEFINE_integer("attack_steps", 10, "PGD steps (training and evaluation)")
+flags.DEFINE_float("attack_step_size", None, "PGD step size (default eps / 5)")
+flags.DEFINE_integer("epochs", None, "epochs (default: the data set's official number)")
+flags.DEFINE_integer("batch_size", None, "global batch size (default: official, 64)")
+flags.DEFINE_string("optimizer", None, "sgd or adam (default: official)")
+flags.DEFINE_float("lr", None, "learning rate of the batch-MEAN loss (default: official summed "
+                   "lr x batch size)")
+flags.DEFINE_float("momentum", None, "SGD momentum (default: official)")
+flags.DEFINE_list("milestones", None, "epochs after which lr is x0.1 (default: official)")
+flags.DEFINE_integer("seed", 0, "random seed")
+flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
+flags.DEFINE_integer("lipschitz_restarts", 1, "random starts of the ascent lipschitz estimate")
+flags.DEFINE_string("workdir", "runs/default", "where checkpoints and results.json go")
+flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints (and each epoch end)")
+flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
+flags.DEFINE_integer("log_every", 50, "steps between progress lines")
+flags.DEFINE_bool("eval_only", False, "evaluate the newest checkpoint in --workdir")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+
+
+def config_from_flags() -> cfglib.RunConfig:
+    from jax_robust.errors import UserError
+
+    try:
+        milestones = (None if FLAGS.milestones is None
+                      else tuple(int(m) for m in FLAGS.milestones if m != ""))
+    except ValueError:
+        raise UserError(f"milestones must be integers, got {FLAGS.milestones}") from None
+    return cfglib.RunConfig(
+        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test),
+        model=cfglib.ModelConfig(FLAGS.arch, FLAGS.dropout, FLAGS.wrn_depth, FLAGS.wrn_width,
+                                 FLAGS.dtype),
+        attack=cfglib.AttackConfig(FLAGS.eps, FLAGS.attack_steps, FLAGS.attack_step_size),
+        train=cfglib.TrainConfig(
+            method=FLAGS.method, variant=FLAGS.variant, beta=FLAGS.beta, lam=FLAGS.lam,
+            mu=FLAGS.mu, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+            optimizer=FLAGS.optimizer, lr=FLAGS.lr, momentum=FLAGS.momentum,
+            milestones=milestones, seed=FLAGS.seed),
+        eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
+                               lipschitz_restarts=FLAGS.lipschitz_restarts),
+        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+        log_every=FLAGS.log_every,
+    )
+
+
+ROW = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap")
+
+
+def main(argv):
+    del argv
+    cfg = config_from_flags()
+    cfglib.validate(cfg)  # before the (slow) jax import, so mistakes fail fast
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from jax_robust import train
+
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+        print(f"signal {signum}: saving a checkpoint and stopping", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    try:
+        r = train.train_and_evaluate(cfg, FLAGS.workdir, log=log,
+                                     should_stop=lambda: stop["requested"],
+                                     eval_only=FLAGS.eval_only)
+    except train.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
+    print()
+    print("| method | variant | " + " | ".join(ROW) + " | test_lipschitz_ascent |")
+    print("|---" * (len(ROW) + 3) + "|")
+    print(f"| {r['method']} | {r['variant']} | " + " | ".join(f"{r[k]:.2f}" for k in ROW)
+          + f" | {r['test_lipschitz_ascent']:.2f} |")
+    print(f"results: {FLAGS.workdir}/results.json (train {r['train_seconds']:.0f}s, "
+          f"eval {r['eval_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,26 @@
+"""XLA flags that make this project's programs fast on CPU; import before JAX.
+
+`append_speed_flags()` appends each flag to the user's XLA_FLAGS unless the user already set
+that flag (their value wins). It must run before `jax` is first imported, which is why this
+module imports nothing from JAX. Notebook users: call it in the first cell.
+
+Flags (measured in BUILD_NOTES.md; they change speed only, never results):
+  --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+      jaxlib 0.10's YNNPACK fusion runs unpadded convolutions ~5x slower than Eigen on this CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+CPU_SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+
+
+def append_speed_flags(extra: tuple[str, ...] = ()) -> str:
+    """Appends CPU_SPEED_FLAGS (and `extra`) to $XLA_FLAGS; returns the new value."""
+    current = os.environ.get("XLA_FLAGS", "")
+    names = {f.split("=", 1)[0] for f in current.split()}
+    added = [f for f in CPU_SPEED_FLAGS + tuple(extra) if f.split("=", 1)[0] not in names]
+    value = " ".join([current] + added).strip()
+    os.environ["XLA_FLAGS"] = value
+    return value
