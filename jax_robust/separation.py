@@ -152,81 +152,96 @@ def tile_distances(q_t: jax.Array, r_t: jax.Array, dim_chunk: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- the scan
+#
+# References are sorted by class (stable) and each class is padded to whole blocks by repeating
+# its last point, so every reference block holds ONE class: a tile updates one column of the
+# running [bq, C] minimum with one row-minimum, whatever C is. A repeated point sits at a larger
+# position than its original, so it never wins a tie and changes no result.
+#
+# uint8 path: distance (<= 255) and position are packed into one int32 key,
+# key = distance << POS_BITS | position, and one integer min-reduction gives both the minimum and
+# the smallest position attaining it. float path: a min, then the smallest position attaining it.
+
+POS_BITS = 22  # positions in the sorted, padded reference set: at most 4,194,304 points
+NO_KEY = 256 << POS_BITS  # above every real key (distances are at most 255)
+NO_POS = np.iinfo(np.int32).max
 
 
-def _no_point(dtype) -> jax.Array:
-    return jnp.array(NO_POINT_INT if jnp.issubdtype(dtype, jnp.integer) else jnp.inf,
-                     _dist_dtype(dtype))
+def _fold_tile_int(best_key, d, block_class, pos, same_point):
+    """best_key [bq, C] int32; d [bq, br] uint8; pos [br] int32 positions; same_point [bq, br]
+    bool or None (exclude_self). Returns the new best_key."""
+    key = (d.astype(jnp.int32) << POS_BITS) | pos[None, :]
+    if same_point is not None:
+        key = jnp.where(same_point, NO_KEY, key)
+    kmin = jnp.min(key, axis=1)
+    column = jnp.arange(best_key.shape[1]) == block_class
+    return jnp.where(column[None, :], jnp.minimum(best_key, kmin[:, None]), best_key)
 
 
-def _dist_dtype(dtype):
-    return jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
+def _fold_tile_float(best, d, block_class, pos, same_point):
+    """best: ([bq, C] float32 distances, [bq, C] int32 positions); d [bq, br] float32."""
+    best_d, best_pos = best
+    if same_point is not None:
+        d = jnp.where(same_point, jnp.inf, d)
+    dmin = jnp.min(d, axis=1)
+    pmin = jnp.min(jnp.where(d == dmin[:, None], pos[None, :], NO_POS), axis=1)
+    column = jnp.arange(best_d.shape[1]) == block_class
+    better = column[None, :] & (dmin[:, None] < best_d)  # strict: earlier blocks keep ties
+    return jnp.where(better, dmin[:, None], best_d), jnp.where(better, pmin[:, None], best_pos)
 
 
-def _update_class_nearest(best, d, q_index, r_label, r_index, num_classes, exclude_self):
-    """Folds one tile into the running per-class (min distance, argmin index).
+def _device_class_nearest(xq, q_index, ref_t, ref_index, block_class, *, num_classes,
+                          exclude_self, tiling):
+    """One device's share: queries xq [n, Dp] (n = blocks * bq) against every reference block.
 
-    best: ([bq, C] distances, [bq, C] int32 indices); d: [bq, br] tile distances;
-    q_index [bq] global query indices (for exclude_self); r_label, r_index: [br] (label -1 =
-    padding). Strict < keeps the earlier (smaller) index on ties across blocks.
-    """
-    best_d, best_i = best
-    big = _no_point(d.dtype)
-    d = d.astype(best_d.dtype)
-    usable = r_label[None, :] >= 0
-    if exclude_self:
-        usable = usable & (r_index[None, :] != q_index[:, None])
-    new_d, new_i = [], []
-    for c in range(num_classes):
-        dc = jnp.where(usable & (r_label[None, :] == c), d, big)
-        dmin = jnp.min(dc, axis=1)
-        imin = jnp.min(jnp.where(dc == dmin[:, None], r_index[None, :], NO_POINT_INT), axis=1)
-        new_d.append(dmin)
-        new_i.append(imin)
-    new_d = jnp.stack(new_d, axis=1)
-    new_i = jnp.stack(new_i, axis=1)
-    better = new_d < best_d
-    return jnp.where(better, new_d, best_d), jnp.where(better, new_i, best_i)
-
-
-def _device_class_nearest(xq, q_index, ref_t, ref_label, *, num_classes, exclude_self, tiling):
-    """One device's share: xq [n_blocks * bq, Dp] against all reference blocks.
-
-    ref_t: [nb, Dp, br] transposed reference blocks; ref_label: [nb, br] (-1 = padding).
-    Returns ([n, C] distances, [n, C] indices).
+    ref_t [nb, Dp, br] transposed single-class blocks, ref_index [nb, br] original indices,
+    block_class [nb]. Returns (dist [n, C], pos [n, C]): int32 grey levels (uint8; NO_KEY >>
+    POS_BITS = 256 where none) or float32 (inf), and positions in the sorted reference set
+    (NO_POS where none).
     """
     bq = tiling.query_block
     n, dp = xq.shape
     nb, _, br = ref_t.shape
-    q_blocks = xq.reshape(n // bq, bq, dp).transpose(0, 2, 1)  # [n_blocks, Dp, bq]
+    is_int = jnp.issubdtype(xq.dtype, jnp.integer)
+    q_blocks = xq.reshape(n // bq, bq, dp).transpose(0, 2, 1)  # [blocks, Dp, bq]
     q_index_blocks = q_index.reshape(n // bq, bq)
-    ref_index = jnp.arange(nb * br, dtype=jnp.int32).reshape(nb, br)
-    init_d = jnp.full((bq, num_classes), _no_point(xq.dtype))
-    init_i = jnp.full((bq, num_classes), NO_INDEX, jnp.int32)
+    positions = jnp.arange(nb * br, dtype=jnp.int32).reshape(nb, br)
+    if is_int:
+        init = jnp.full((bq, num_classes), NO_KEY, jnp.int32)
+    else:
+        init = (jnp.full((bq, num_classes), jnp.inf, jnp.float32),
+                jnp.full((bq, num_classes), NO_POS, jnp.int32))
+    fold = _fold_tile_int if is_int else _fold_tile_float
 
     def one_query_block(args):
         q_t, qi = args
 
         def step(best, ref):
-            r_t, r_label, r_index = ref
+            r_t, r_index, r_class, pos = ref
             d = tile_distances(q_t, r_t, tiling.dim_chunk)
-            return _update_class_nearest(best, d, qi, r_label, r_index, num_classes,
-                                         exclude_self), None
+            same = (r_index[None, :] == qi[:, None]) if exclude_self else None
+            return fold(best, d, r_class, pos, same), None
 
-        best, _ = lax.scan(step, (init_d, init_i), (ref_t, ref_label, ref_index))
+        best, _ = lax.scan(step, init, (ref_t, ref_index, block_class, positions))
         return best
 
-    best_d, best_i = lax.map(one_query_block, (q_blocks, q_index_blocks))
-    return best_d.reshape(n, num_classes), best_i.reshape(n, num_classes)
+    best = lax.map(one_query_block, (q_blocks, q_index_blocks))
+    if is_int:
+        dist, pos = best >> POS_BITS, best & ((1 << POS_BITS) - 1)
+        pos = jnp.where(best == NO_KEY, NO_POS, pos)
+    else:
+        dist, pos = best
+    return dist.reshape(n, num_classes), pos.reshape(n, num_classes)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "exclude_self", "tiling", "mesh"))
-def _class_nearest_call(xq, q_index, ref_t, ref_label, *, num_classes, exclude_self, tiling,
-                        mesh):
+def _class_nearest_call(xq, q_index, ref_t, ref_index, block_class, *, num_classes,
+                        exclude_self, tiling, mesh):
     body = functools.partial(_device_class_nearest, num_classes=num_classes,
                              exclude_self=exclude_self, tiling=tiling)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P()),
-                         out_specs=P(AXIS), check_vma=False)(xq, q_index, ref_t, ref_label)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P(), P()),
+                         out_specs=P(AXIS), check_vma=False)(
+                             xq, q_index, ref_t, ref_index, block_class)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -241,7 +256,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _flatten(x: np.ndarray, name: str) -> np.ndarray:
+def _flatten(x, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim < 1:
         raise ValueError(f"{name} must have a leading point axis, got shape {x.shape}")
@@ -253,27 +268,35 @@ def _flatten(x: np.ndarray, name: str) -> np.ndarray:
     raise ValueError(f"{name} must be uint8 (grey levels) or floating, got {x.dtype}")
 
 
-def _fit_tiling(tiling: Tiling, n_query: int, n_ref: int, dims: int, n_dev: int) -> Tiling:
+def _fit_tiling(tiling: Tiling, n_query: int, largest_class: int, dims: int,
+                n_dev: int) -> Tiling:
     """Shrinks blocks for small inputs (less padding); never changes results."""
     per_dev = -(-n_query // n_dev)
     query_block = min(tiling.query_block, _round_up(max(per_dev, 1), 8))
     blocks = min(tiling.blocks_per_call, -(-per_dev // query_block))
-    ref_block = min(tiling.ref_block, _round_up(max(n_ref, 1), 64))
+    ref_block = min(tiling.ref_block, _round_up(max(largest_class, 1), 64))
     dim_chunk = min(tiling.dim_chunk, dims)
     return Tiling(query_block, ref_block, dim_chunk, max(blocks, 1))
 
 
-def _prepare_refs(x_ref: np.ndarray, y_ref: np.ndarray, tiling: Tiling, dp: int):
-    """x_ref [Nr, D] -> ([nb, Dp, br] transposed blocks, [nb, br] labels, -1 = padding)."""
-    n, d = x_ref.shape
-    br = tiling.ref_block
-    nr = _round_up(n, br)
-    xp = np.zeros((nr, dp), x_ref.dtype)
-    xp[:n, :d] = x_ref
-    yp = np.full((nr,), -1, np.int32)
-    yp[:n] = y_ref
-    ref_t = np.ascontiguousarray(xp.reshape(nr // br, br, dp).transpose(0, 2, 1))
-    return ref_t, yp.reshape(nr // br, br)
+def _class_blocks(y_ref: np.ndarray, num_classes: int, ref_block: int):
+    """Sorted, padded reference order: (index [nb * br] into x_ref, block class [nb]).
+
+    Class c's points in index order, then its last point repeated up to a whole block.
+    """
+    order, block_class = [], []
+    for c in range(num_classes):
+        members = np.flatnonzero(y_ref == c)
+        if len(members) == 0:
+            continue
+        n_blocks = -(-len(members) // ref_block)
+        padded = np.full(n_blocks * ref_block, members[-1], np.int32)
+        padded[: len(members)] = members
+        order.append(padded)
+        block_class += [c] * n_blocks
+    if not order:
+        return np.zeros((0,), np.int32), np.zeros((0,), np.int32)
+    return np.concatenate(order), np.asarray(block_class, np.int32)
 
 
 def class_nearest(x_query, x_ref, y_ref, num_classes: int, *, exclude_self: bool = False,
@@ -303,29 +326,43 @@ def class_nearest(x_query, x_ref, y_ref, num_classes: int, *, exclude_self: bool
     mesh = mesh or default_mesh()
     n_dev = mesh.size
     nq, dims = xq.shape
-    tiling = _fit_tiling(tiling, nq, len(xr), dims, n_dev)
+    largest = int(np.bincount(y_ref, minlength=num_classes).max()) if len(y_ref) else 0
+    tiling = _fit_tiling(tiling, nq, largest, dims, n_dev)
     dp = _round_up(dims, tiling.dim_chunk)
-    ref_t, ref_label = _prepare_refs(xr, y_ref.astype(np.int32), tiling, dp)
+    order, block_class = _class_blocks(y_ref, num_classes, tiling.ref_block)
+    if xq.dtype == np.uint8 and len(order) > (1 << POS_BITS):
+        raise ValueError(f"at most {1 << POS_BITS} reference points (padded) on the uint8 path")
+    is_int = xq.dtype == np.uint8
+    out_d = np.full((nq, num_classes), NO_POINT_INT if is_int else np.inf,
+                    np.int32 if is_int else np.float32)
+    out_i = np.full((nq, num_classes), NO_INDEX, np.int32)
+    if nq == 0 or len(order) == 0:
+        return out_d, out_i
+
+    nb, br = len(block_class), tiling.ref_block
+    ref = np.zeros((nb * br, dp), xr.dtype)
+    ref[:, :dims] = xr[order]
+    ref_t = np.ascontiguousarray(ref.reshape(nb, br, dp).transpose(0, 2, 1))  # [nb, Dp, br]
     replicated = NamedSharding(mesh, P())
-    ref_t = jax.device_put(ref_t, replicated)
-    ref_label = jax.device_put(ref_label, replicated)
     by_query = NamedSharding(mesh, P(AXIS))
+    ref_args = [jax.device_put(a, replicated)
+                for a in (ref_t, order.reshape(nb, br), block_class)]
 
     chunk = n_dev * tiling.blocks_per_call * tiling.query_block
-    calls = max(-(-nq // chunk), 1)
-    out_d = np.empty((nq, num_classes), np.int32 if xq.dtype == np.uint8 else np.float32)
-    out_i = np.empty((nq, num_classes), np.int32)
+    calls = -(-nq // chunk)
     start_time = time.monotonic()
     for call in range(calls):
         lo, hi = call * chunk, min((call + 1) * chunk, nq)
         q = np.zeros((chunk, dp), xq.dtype)
         q[: hi - lo, :dims] = xq[lo:hi]
         q_index = np.arange(lo, lo + chunk, dtype=np.int32)
-        d, i = _class_nearest_call(
-            jax.device_put(q, by_query), jax.device_put(q_index, by_query), ref_t, ref_label,
+        d, pos = _class_nearest_call(
+            jax.device_put(q, by_query), jax.device_put(q_index, by_query), *ref_args,
             num_classes=num_classes, exclude_self=exclude_self, tiling=tiling, mesh=mesh)
-        out_d[lo:hi] = np.asarray(d)[: hi - lo]
-        out_i[lo:hi] = np.asarray(i)[: hi - lo]
+        d, pos = np.asarray(d)[: hi - lo], np.asarray(pos)[: hi - lo]
+        found = pos != NO_POS
+        out_d[lo:hi] = np.where(found, d, out_d[lo:hi])
+        out_i[lo:hi] = np.where(found, order[np.where(found, pos, 0)], NO_INDEX)
         if progress is not None:
             progress(Progress(call + 1, calls, hi * len(xr), nq * len(xr), dims,
                               time.monotonic() - start_time))
