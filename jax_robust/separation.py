@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import functools
+import math
 import sys
 import time
 from typing import Callable
@@ -486,3 +487,58 @@ def _at_boundary(radius: np.ndarray, eps: float, levels: int | None) -> np.ndarr
     if bound.denominator != 1:
         return np.zeros(len(radius), bool)
     return np.rint(2.0 * radius) == bound.numerator
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+QUANTILES = (0.001, 0.01, 0.1, 0.5)
+
+
+def count_below(dist_levels: np.ndarray, bound: float, levels: int) -> int:
+    """Number of distances (grey levels) strictly below `bound` (pixel units), exactly."""
+    limit = fractions.Fraction(repr(float(bound))) * levels
+    return int((np.asarray(dist_levels) < math.ceil(limit)).sum())  # d < L <=> d < ceil(L)
+
+
+def separation_summary(dist_levels: np.ndarray, index: np.ndarray, y_query: np.ndarray,
+                       y_ref: np.ndarray, levels: int, eps: float, n_closest: int = 10,
+                       symmetric: bool = False) -> dict:
+    """Table-1 statistics of nearest-other-label distances.
+
+    dist_levels, index: [N] from `nearest_other_label_distance` on uint8 images (grey levels);
+    y_query [N], y_ref: labels; eps in pixel units. symmetric: query and reference sets are the
+    same (train-train), so the pair (i, j) and (j, i) is listed once among the closest.
+    Returns min (pixel units and grey levels), the QUANTILES (keys 'q0.001', ...; linear
+    interpolation), mean, max, n_below_2eps (distance < 2 eps: pairs too close for eps-
+    separation) and the n_closest pairs: query/ref index and label, distance.
+    """
+    found = index >= 0
+    if not found.any():
+        raise ValueError("no query has a reference point of another label")
+    d = dist_levels[found].astype(np.int64)
+    q_idx = np.flatnonzero(found)
+    px = d / levels
+    out = {
+        "n": int(len(dist_levels)),
+        "n_without_other_label": int((~found).sum()),
+        "min": float(d.min() / levels),
+        "min_levels": int(d.min()),
+        **{f"q{q:g}": float(np.quantile(px, q)) for q in QUANTILES},
+        "mean": float(px.mean()),
+        "max": float(px.max()),
+        "n_below_2eps": count_below(d, 2 * eps, levels),
+    }
+    closest, seen = [], set()
+    for k in np.lexsort((q_idx, d)):  # by distance, then query index
+        i, j = int(q_idx[k]), int(index[q_idx[k]])
+        if symmetric and (min(i, j), max(i, j)) in seen:
+            continue
+        seen.add((min(i, j), max(i, j)))
+        closest.append({"query_index": i, "ref_index": j, "query_label": int(y_query[i]),
+                        "ref_label": int(y_ref[j]), "distance": float(d[k] / levels),
+                        "distance_levels": int(d[k])})
+        if len(closest) == n_closest:
+            break
+    out["closest"] = closest
+    return out

@@ -303,15 +303,20 @@ def build_run(cfg: cfglib.RunConfig, dataset: datalib.Dataset):
 def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
                        log: Callable[[str], None] = print,
                        should_stop: Callable[[], bool] = lambda: False,
-                       eval_only: bool = False, dataset: datalib.Dataset | None = None) -> dict:
+                       eval_only: bool = False, dataset: datalib.Dataset | None = None,
+                       mesh: Mesh | None = None) -> dict:
     """Trains one configuration (resuming from `workdir` if it has checkpoints), evaluates it
-    and writes `<workdir>/results.json`. Returns the results dict."""
+    and writes `<workdir>/results.json`. Returns the results dict.
+
+    `should_stop` is polled after every step: when true, a checkpoint is saved and
+    `Interrupted` raised. `dataset` and `mesh` (default: all devices) override the config's.
+    """
     cfglib.validate(cfg)
     if dataset is None:
         dataset = datalib.load_dataset(cfg.data.dataset, cfg.data.data_dir,
                                        cfg.data.max_train, cfg.data.max_test)
     module, model_fn, hp, sched = build_run(cfg, dataset)
-    mesh = make_mesh()
+    mesh = make_mesh() if mesh is None else mesh
     check_batch_size(sched.batch_size, mesh, "batch size")
     n_train = len(dataset.x_train)
     steps_per_epoch = math.ceil(n_train / sched.batch_size)

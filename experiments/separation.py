@@ -1,0 +1,211 @@
+"""Separation of real data (the paper's Table 1) and the provably astute distance classifier.
+
+    python experiments/separation.py --dataset=digits
+    python experiments/separation.py --dataset=fashion_mnist --workdir=runs/sep_fmnist
+    python experiments/separation.py --dataset=fashion_mnist --max_points=5000   # quick look
+
+Computes, exactly in integer grey levels, the l_inf distance from every training point to the
+closest training point of another label (Train-Train) and from every test point to the closest
+training point of another label (Test-Train), and the theorem's distance classifier
+g(x) = argmin_c dist(x, X_train^(c)) with its certified radius. Prints a summary and writes
+<workdir>/separation.json, separation_hist.png and closest_pairs.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import cli  # noqa: F401  (sets XLA flags before jax is imported)
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10 or svhn")
+flags.DEFINE_string("data_dir", None, "directory of the data set's files (IDX or TFDS)")
+flags.DEFINE_string("workdir", None, "output directory (default runs/separation_<dataset>)")
+flags.DEFINE_integer("max_points", None, "use only the first N training and N test points")
+flags.DEFINE_float("eps", None, "l_inf radius in pixel units (default: the data set's)")
+flags.DEFINE_integer("n_closest", 10, "closest opposite-label pairs to list and draw")
+flags.DEFINE_bool("progress", True, "progress lines on stderr")
+
+PAPER = {  # PAPER.md, Table 1: min Train-Train, min Test-Train
+    "mnist": (0.737, 0.812), "cifar10": (0.212, 0.220), "svhn": (0.094, 0.110),
+}
+
+
+def write_json_atomic(path: str, obj) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".separation.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_figure_atomic(fig, path: str) -> None:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_histograms(tt_px, te_px, eps, dataset, path) -> None:
+    """20 bins on [0, 1], weights 1/n (the official notebook), dashed lines at min and 2 eps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, d, title in ((axes[0], tt_px, "Train-Train"), (axes[1], te_px, "Test-Train")):
+        ax.hist(d, bins=20, range=(0, 1), weights=np.full(len(d), 1 / len(d)),
+                color="tab:blue", edgecolor="white")
+        ax.axvline(2 * eps, color="tab:red", ls="--", label=f"2 eps = {2 * eps:g}")
+        ax.axvline(d.min(), color="black", ls="--", label=f"min = {d.min():.3f}")
+        ax.set_title(f"{dataset}: {title} (n = {len(d)})")
+        ax.set_xlabel("l_inf distance to the closest point of another label")
+        ax.set_xlim(0, 1)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("fraction of points")
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def plot_closest_pairs(rows, images, image_shape, path) -> None:
+    """rows: [(title, closest-pairs list, query images, reference images)]; one column a pair."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    del images
+    n_cols = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(2 * len(rows), n_cols, figsize=(1.25 * n_cols, 3.3 * len(rows)),
+                             squeeze=False)
+    h, w, c = image_shape
+    for r, (title, pairs, xq, xr) in enumerate(rows):
+        for k in range(n_cols):
+            top, bottom = axes[2 * r, k], axes[2 * r + 1, k]
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if k >= len(pairs):
+                top.axis("off")
+                bottom.axis("off")
+                continue
+            p = pairs[k]
+            for ax, img, idx, label in ((top, xq[p["query_index"]], p["query_index"],
+                                         p["query_label"]),
+                                        (bottom, xr[p["ref_index"]], p["ref_index"],
+                                         p["ref_label"])):
+                img = np.asarray(img, np.float32).reshape(h, w, c)
+                ax.imshow(img[..., 0] if c == 1 else img, cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+                ax.set_xlabel(f"#{idx} y={label}", fontsize=7)
+            top.set_title(f"d={p['distance']:.3f}", fontsize=8)
+        axes[2 * r, 0].set_ylabel(f"{title}\nquery", fontsize=8)
+        axes[2 * r + 1, 0].set_ylabel("nearest other\nlabel (train)", fontsize=8)
+    fig.suptitle("Closest opposite-label pairs (l_inf distance in pixel units)", fontsize=10)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def main(argv):
+    from jax_robust import data, separation
+    from jax_robust.errors import UserError
+
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.eps is not None and not FLAGS.eps > 0:
+        raise UserError(f"--eps must be > 0, got {FLAGS.eps}")
+    if FLAGS.max_points is not None and FLAGS.max_points < 1:
+        raise UserError(f"--max_points must be >= 1, got {FLAGS.max_points}")
+    if FLAGS.n_closest < 0:
+        raise UserError(f"--n_closest must be >= 0, got {FLAGS.n_closest}")
+    ds = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_points, FLAGS.max_points)
+    info = ds.info
+    eps = FLAGS.eps if FLAGS.eps is not None else info.eps
+    workdir = FLAGS.workdir or os.path.join("runs", f"separation_{info.name}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --workdir {workdir}: {e}") from None
+    x_train = ds.as_uint8("train").reshape(len(ds.y_train), -1)
+    x_test = ds.as_uint8("test").reshape(len(ds.y_test), -1)
+    y_train, y_test, levels, n_cls = ds.y_train, ds.y_test, info.levels, info.num_classes
+
+    def progress(label):
+        return separation.stderr_progress(f"{info.name} {label}") if FLAGS.progress else None
+
+    t0 = time.monotonic()
+    tt_cd, tt_ci = separation.class_nearest(x_train, x_train, y_train, n_cls, exclude_self=True,
+                                            progress=progress("train-train"))
+    t1 = time.monotonic()
+    te_cd, te_ci = separation.class_nearest(x_test, x_train, y_train, n_cls,
+                                            progress=progress("test-train"))
+    t2 = time.monotonic()
+    tt_d, tt_i = separation.other_label_from_class_nearest(tt_cd, tt_ci, y_train)
+    te_d, te_i = separation.other_label_from_class_nearest(te_cd, te_ci, y_test)
+    dims = x_train.shape[1]
+    result = {
+        "dataset": info.name,
+        "levels": levels,
+        "eps": eps,
+        "n_train": len(y_train),
+        "n_test": len(y_test),
+        "distance": "l_inf, pixel units (grey levels / levels); exact integer arithmetic",
+        "train_train": separation.separation_summary(tt_d, tt_i, y_train, y_train, levels, eps,
+                                                     FLAGS.n_closest, symmetric=True),
+        "test_train": separation.separation_summary(te_d, te_i, y_test, y_train, levels, eps,
+                                                    FLAGS.n_closest),
+        "classifier": {
+            "rule": "g(x) = argmin_c dist(x, X_train^(c)); certified at eps iff correct and "
+                    "(second-smallest - smallest class distance) / 2 > eps (strict)",
+            "test": separation.certified_accuracy(te_cd, y_test, eps, levels),
+            "train_leave_one_out": separation.certified_accuracy(tt_cd, y_train, eps, levels),
+        },
+        "paper": dict(zip(("min_train_train", "min_test_train"), PAPER[info.name]))
+        if info.name in PAPER else None,
+        "seconds": {"train_train": t1 - t0, "test_train": t2 - t1},
+        "pair_dims_per_s": {
+            "train_train": len(y_train) ** 2 * dims / max(t1 - t0, 1e-9),
+            "test_train": len(y_test) * len(y_train) * dims / max(t2 - t1, 1e-9),
+        },
+    }
+    write_json_atomic(os.path.join(workdir, "separation.json"), result)
+    plot_histograms(tt_d[tt_i >= 0] / levels, te_d[te_i >= 0] / levels, eps, info.name,
+                    os.path.join(workdir, "separation_hist.png"))
+    x_train_px = ds.x_train
+    plot_closest_pairs(
+        [("Train-Train", result["train_train"]["closest"], x_train_px, x_train_px),
+         ("Test-Train", result["test_train"]["closest"], ds.x_test, x_train_px)],
+        None, info.image_shape, os.path.join(workdir, "closest_pairs.png"))
+
+    tt, te, clf = result["train_train"], result["test_train"], result["classifier"]["test"]
+    print(f"{info.name}: {len(y_train)} train, {len(y_test)} test, eps = {eps:g} "
+          f"(2 eps = {2 * eps:g}), levels = {levels}")
+    print("split        min    q0.001  q0.01   q0.1    q0.5    mean    n<2eps")
+    for name, s in (("Train-Train", tt), ("Test-Train", te)):
+        print(f"{name:<12} {s['min']:.4f} {s['q0.001']:.4f}  {s['q0.01']:.4f}  {s['q0.1']:.4f}"
+              f"  {s['q0.5']:.4f}  {s['mean']:.4f}  {s['n_below_2eps']}")
+    if result["paper"]:
+        print(f"paper: min Train-Train {result['paper']['min_train_train']}, "
+              f"min Test-Train {result['paper']['min_test_train']}")
+    print(f"distance classifier: test accuracy {clf['accuracy']:.4f}, certified astuteness at "
+          f"eps = {eps:g}: {clf['certified_astuteness']:.4f} ({clf['at_boundary']} at the "
+          "boundary)")
+    print(f"time: train-train {t1 - t0:.1f} s, test-train {t2 - t1:.1f} s; wrote "
+          f"{os.path.join(workdir, 'separation.json')}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
