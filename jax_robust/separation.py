@@ -269,13 +269,20 @@ def _flatten(x, name: str) -> np.ndarray:
     raise ValueError(f"{name} must be uint8 (grey levels) or floating, got {x.dtype}")
 
 
-def _fit_tiling(tiling: Tiling, n_query: int, largest_class: int, dims: int,
+def _fit_tiling(tiling: Tiling, n_query: int, class_counts: np.ndarray, dims: int,
                 n_dev: int) -> Tiling:
-    """Shrinks blocks for small inputs (less padding); never changes results."""
+    """Shrinks blocks for small inputs (less padding); never changes results.
+
+    The reference block is the multiple of 64 in [ref_block / 2, ref_block] that pads the
+    classes least (each class is padded to whole blocks), the largest on ties.
+    """
     per_dev = -(-n_query // n_dev)
     query_block = min(tiling.query_block, _round_up(max(per_dev, 1), 8))
     blocks = min(tiling.blocks_per_call, -(-per_dev // query_block))
-    ref_block = min(tiling.ref_block, _round_up(max(largest_class, 1), 64))
+    largest = int(class_counts.max()) if len(class_counts) else 1
+    top = min(tiling.ref_block, _round_up(max(largest, 1), 64))
+    candidates = range(top, max(top // 2, 64) - 1, -64) if top >= 64 else [top]
+    ref_block = min(candidates, key=lambda b: sum(_round_up(int(n), b) for n in class_counts))
     dim_chunk = min(tiling.dim_chunk, dims)
     return Tiling(query_block, ref_block, dim_chunk, max(blocks, 1))
 
@@ -327,8 +334,8 @@ def class_nearest(x_query, x_ref, y_ref, num_classes: int, *, exclude_self: bool
     mesh = mesh or default_mesh()
     n_dev = mesh.size
     nq, dims = xq.shape
-    largest = int(np.bincount(y_ref, minlength=num_classes).max()) if len(y_ref) else 0
-    tiling = _fit_tiling(tiling, nq, largest, dims, n_dev)
+    counts = np.bincount(y_ref, minlength=num_classes) if len(y_ref) else np.zeros(1, int)
+    tiling = _fit_tiling(tiling, nq, counts, dims, n_dev)
     dp = _round_up(dims, tiling.dim_chunk)
     order, block_class = _class_blocks(y_ref, num_classes, tiling.ref_block)
     if xq.dtype == np.uint8 and len(order) > (1 << POS_BITS):

@@ -444,10 +444,9 @@ def _train_loop(cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
                 if end_of_epoch:
                     acc = {**empty_metrics(), "first_bad": acc["first_bad"]}
             last_log, last_log_step = now, step
-        if end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps:
+        stop = should_stop()
+        if stop or end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps:
             checkpoint_if_finite(state, step, epoch + int(end_of_epoch))
-        elif should_stop():
-            checkpoint_if_finite(state, step, epoch)
-        if should_stop():
+        if stop:
             raise Interrupted(f"stopped at step {step}; checkpoint saved, rerun to resume")
     return time.time() - start

@@ -253,6 +253,19 @@ def pgd_on_surrogate(x, y, x_ref, y_ref, eps, key, steps=40, temperature=0.005):
     return np.asarray(x_adv)
 
 
+def clean_free(x, x_ref, y_ref):
+    """Exact class distances at (attacked) float points [B, D] -> [B, 10], NumPy float64."""
+    return brute_class_distances(x, x_ref, y_ref, 10)
+
+
+def margin(class_dist, pred):
+    """Distance to the nearest other class minus distance to the predicted class, [B]."""
+    rows = np.arange(len(pred))
+    others = class_dist.copy()
+    others[rows, pred] = np.inf
+    return others.min(1) - class_dist[rows, pred]
+
+
 def test_certificate_is_never_beaten_by_pgd(digits):
     x_train, y_train, x_test, y_test = digits
     xf_train = x_train.astype(np.float32) / 16
@@ -265,11 +278,15 @@ def test_certificate_is_never_beaten_by_pgd(digits):
     x_adv = pgd_on_surrogate(jnp.asarray(xf_test), jnp.asarray(pred), jnp.asarray(xf_train),
                              jnp.asarray(y_train), eps, jax.random.key(0))
     assert np.abs(x_adv - xf_test).max() <= eps + 1e-6
-    pred_adv = np.argmin(brute_class_distances(x_adv, xf_train, y_train, 10), axis=1)
+    pred_adv = np.argmin(clean_free(x_adv, xf_train, y_train), axis=1)
     # Exact distance classifier at the attacked points: no certified prediction changes...
     np.testing.assert_array_equal(pred_adv[certified], pred[certified])
-    # ...while the same attack does flip some uncertified ones (it is not a no-op).
+    # ...while the same attack does flip some uncertified ones and, on certified points, eats
+    # most of the 2 eps by which a 1-Lipschitz margin can shrink (it is a real attack).
     assert (pred_adv[~certified] != pred[~certified]).sum() >= 5
+    margin_drop = margin(cd / 16, pred) - margin(clean_free(x_adv, xf_train, y_train), pred)
+    assert margin_drop[certified].mean() > 0.6 * 2 * eps
+    assert margin_drop.max() <= 2 * eps + 1e-6
 
 
 # ----------------------------------------------------------------------------- the binary
