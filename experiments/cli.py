@@ -12,6 +12,10 @@ from jax_robust.speed_flags import append_speed_flags  # noqa: E402  (must prece
 append_speed_flags()
 
 
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def run_main(main) -> None:
     """absl.app.run(main), turning a `UserError` or a bad flag into one stderr line, exit 2."""
     from absl import app, flags
@@ -25,7 +29,7 @@ def run_main(main) -> None:
         try:
             return main(argv)
         except UserError as e:
-            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.write(f"error: {one_line(e)}\n")
             sys.exit(2)
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
@@ -34,6 +38,6 @@ def run_main(main) -> None:
     try:
         flags.FLAGS(sys.argv)
     except flags.Error as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {one_line(e)}\n")
         sys.exit(2)
     app.run(wrapped, argv=sys.argv)

@@ -8,6 +8,7 @@ Re-running with the same --workdir resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -81,10 +82,33 @@ def config_from_flags() -> cfglib.RunConfig:
 ROW = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap")
 
 
-def main(argv):
-    del argv
+def prepare(argv: list[str]) -> cfglib.RunConfig:
+    """Parses argv into the run's config; raises UserError (or flags.Error) on a bad value.
+
+    Runs before JAX is imported, so mistakes fail fast.
+    """
+    from jax_robust.errors import UserError
+
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments {rest[1:]}; flags are --name=value")
     cfg = config_from_flags()
-    cfglib.validate(cfg)  # before the (slow) jax import, so mistakes fail fast
+    cfglib.validate(cfg)
+    try:
+        os.makedirs(FLAGS.workdir, exist_ok=True)
+        probe = os.path.join(FLAGS.workdir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {FLAGS.workdir} is not writable: {e.strerror}") from None
+    return cfg
+
+
+def main(argv):
+    cfg = prepare(argv)
     if FLAGS.distributed:
         import jax
 

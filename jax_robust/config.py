@@ -115,11 +115,22 @@ def validate(cfg: RunConfig) -> None:
                         ("batch_size", 1 if t.batch_size is None else t.batch_size),
                         ("attack_steps", a.steps), ("eval batch size", cfg.eval.batch_size),
                         ("checkpoint_every", cfg.checkpoint_every),
-                        ("keep_checkpoints", cfg.keep_checkpoints)):
+                        ("keep_checkpoints", cfg.keep_checkpoints),
+                        ("log_every", cfg.log_every),
+                        ("lipschitz_restarts", cfg.eval.lipschitz_restarts),
+                        ("lipschitz_steps", cfg.eval.lipschitz_steps),
+                        ("max_train", 1 if cfg.data.max_train is None else cfg.data.max_train),
+                        ("max_test", 1 if cfg.data.max_test is None else cfg.data.max_test),
+                        ("wrn_width", m.wrn_width), ("llr_steps", t.llr_steps)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if t.momentum is not None and not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
         raise UserError(f"momentum must be in [0, 1), got {t.momentum}")
+    if t.seed < 0:
+        raise UserError(f"seed must be non-negative, got {t.seed}")
+    if not (math.isfinite(cfg.eval.lipschitz_step_size) and cfg.eval.lipschitz_step_size > 0):
+        raise UserError(f"lipschitz step size must be positive, got "
+                        f"{cfg.eval.lipschitz_step_size}")
     if not (math.isfinite(t.gr_h) and t.gr_h > 0):
         raise UserError(f"gr_h must be positive, got {t.gr_h}")
     ms = t.milestones or ()

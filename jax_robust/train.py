@@ -9,6 +9,7 @@ step runs on 1 or N devices (and N hosts after `jax.distributed.initialize()`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -175,7 +176,9 @@ def make_train_step(objective: Callable, model_fn: models.ModelFn,
             state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, step=state.step)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+        metrics = dict(metrics, step=state.step + 1, finite=finite)
         new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
                                opt_state=opt_state)
         return new_state, metrics
@@ -186,8 +189,9 @@ def make_train_step(objective: Callable, model_fn: models.ModelFn,
 
 @jax.jit
 def accumulate_metrics(acc: dict, metrics: dict) -> dict:
-    """Running sums of loss x count, correct and count, and the first non-finite step."""
-    finite = jnp.isfinite(metrics["loss"])
+    """Running sums of loss x count, correct and count, and the first step (counted from 1,
+    as checkpoints are) whose loss or updated parameters were not finite."""
+    finite = metrics["finite"]
     first_bad = jnp.where((acc["first_bad"] < 0) & ~finite, metrics["step"], acc["first_bad"])
     return {
         "loss_sum": acc["loss_sum"] + jnp.where(finite, metrics["loss"], 0.0) * metrics["count"],
@@ -284,6 +288,18 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two config dicts (JSON-compared)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+            out.append(prefix + key)
+    return out
+
+
 def build_run(cfg: cfglib.RunConfig, dataset: datalib.Dataset):
     """(module, model_fn, hp, schedule) of the run; validates arch against the data."""
     m, t = cfg.model, cfg.train
@@ -337,6 +353,10 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         state, meta, ck_step = restored
         log(f"resumed from checkpoint {ck_step} (epoch {meta.get('epoch')}, "
             f"step {int(state.step)}/{total_steps})")
+        changed = config_changes(meta.get("config", {}), cfg.to_dict())
+        if changed:
+            log(f"warning: the checkpoint was written with other settings of "
+                f"{', '.join(changed)}; continuing with the new ones")
     elif eval_only:
         raise UserError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
     log(f"{cfg.train.method} ({cfg.train.variant}) on {dataset.info.name}: "
@@ -413,11 +433,11 @@ def _train_loop(cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
         bad = int(acc["first_bad"])
         if bad >= 0:
             raise TrainingDiverged(
-                f"the loss became non-finite at step {bad} (epoch {bad // steps_per_epoch + 1});"
+                f"the loss or the parameters became non-finite at step {bad} (epoch {bad // steps_per_epoch + 1});"
                 f" the last good checkpoint (step {manager.latest_step()}) is kept; "
                 f"lower --lr")
         ckpt.save(manager, step, state, {"epoch": epoch, "step": step,
-                                         "seed": cfg.train.seed})
+                                         "config": cfg.to_dict()})
 
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
