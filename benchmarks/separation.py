@@ -7,17 +7,23 @@
 Every method answers the same question on the same data, train-train: for each of the first
 `--n` training points, the l_inf distance to the closest of the same `--n` points with another
 label. Methods:
-  jax_uint8  separation.nearest_other_label_distance on uint8 grey levels (exact integers)
-  jax_float  the same on float32 pixel values in [0, 1]
-  sklearn    NearestNeighbors(n_neighbors=1, metric="chebyshev"), one index per class fitted on
-             X[y != c] and queried with X[y == c], as the official notebook (float64 pixels)
-  numpy      chunked brute force in uint8, max(a, b) - min(a, b), then max and a masked min
-Throughput is reported as pair-dims/s = n_query * n_ref * D / seconds, the same nominal work for
-every method, so ratios of pair-dims/s are ratios of time. Baselines too slow for the full size
-run on the first --baseline_queries query points (all reference points) and are extrapolated
-linearly in the number of queries; their line says so. JAX compile time is measured apart (one
-warm-up call of the same shapes) and reported, not included. The machine's load average is
-printed before and after: the machine may be shared, compare ratios from one run.
+  jax_uint8      separation.train_train_distance on uint8 grey levels (exact integers): each
+                 pair of points with different labels computed once (what experiments/ uses)
+  jax_uint8_qxr  separation.nearest_other_label_distance(x, y, x, y, exclude_self=True): all
+                 queries x all references, the general function
+  jax_float      separation.train_train_distance on float32 pixel values in [0, 1]
+  sklearn        NearestNeighbors(n_neighbors=1, metric="chebyshev"), one index per class
+                 fitted on X[y != c] and queried with X[y == c], as the official notebook
+                 (float64 pixels)
+  numpy          chunked brute force in uint8, max(a, b) - min(a, b), then max and a masked min
+Throughput is pair-dims/s = n_query * n_ref * D / seconds, the same nominal work for every
+method (train_train_distance does less than half of it), so ratios of pair-dims/s are ratios of
+time. JAX times include jit compilation (about 1 s) and host-device copies; sklearn's include
+fitting its indices. Baselines too slow for the full size (sklearn and numpy, with --full) run
+on the first --baseline_queries query points against all reference points and are
+extrapolated linearly in the number of queries; their line says so. Each line also gives the
+process CPU time (all threads) and the 1-minute load average: on a shared machine wall-time
+ratios drift with the load, CPU-time ratios much less.
 """
 
 from __future__ import annotations
@@ -30,6 +36,24 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 
+
+def _one_host_device_per_core() -> None:
+    """One XLA:CPU device per core, unless XLA_FLAGS already says how many (before jax).
+
+    The query axis is sharded over devices; on the 2-core CPU two single-threaded devices ran
+    the separation scan 1.7x faster than one device using XLA's intra-op threads (BUILD_NOTES).
+    Only the CPU platform is affected.
+    """
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags_now:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+        os.environ["XLA_FLAGS"] = (f"{flags_now} --xla_force_host_platform_device_count="
+                                   f"{cores}").strip()
+
+
+_one_host_device_per_core()
+
 import cli  # noqa: E402,F401  (sets XLA flags before jax is imported)
 from absl import flags  # noqa: E402
 
@@ -38,10 +62,12 @@ flags.DEFINE_string("dataset", "fashion_mnist", "data set (see jax_robust.data)"
 flags.DEFINE_string("data_dir", None, "directory of the data set's files")
 flags.DEFINE_integer("n", 8000, "train-train on the first n training points")
 flags.DEFINE_bool("full", False, "the whole training set (overrides --n)")
-flags.DEFINE_list("methods", ["jax_uint8", "jax_float", "sklearn", "numpy"], "methods to time")
-flags.DEFINE_integer("baseline_queries", None, "time sklearn/numpy on only this many queries "
-                     "and extrapolate (default: all for --n, 1000 with --full)")
-flags.DEFINE_integer("query_block", None, "Tiling.query_block (default: the library's)")
+METHODS = ("jax_uint8", "jax_uint8_qxr", "jax_float", "sklearn", "numpy")
+flags.DEFINE_list("methods", list(METHODS), "methods to time, in this order")
+flags.DEFINE_integer("baseline_queries", None, "time sklearn and numpy on only this many "
+                     "queries and extrapolate (default: all; 2048 with --full)")
+flags.DEFINE_integer("query_block", None, "Tiling.query_block (default: the library's, per "
+                     "dtype)")
 flags.DEFINE_integer("ref_block", None, "Tiling.ref_block")
 flags.DEFINE_integer("dim_chunk", None, "Tiling.dim_chunk")
 flags.DEFINE_integer("blocks_per_call", None, "Tiling.blocks_per_call")
@@ -114,7 +140,7 @@ def main(argv):
     from jax_robust import data, separation
     from jax_robust.errors import UserError
 
-    unknown = set(FLAGS.methods) - {"jax_uint8", "jax_float", "sklearn", "numpy"}
+    unknown = set(FLAGS.methods) - set(METHODS)
     if unknown:
         raise UserError(f"unknown methods {sorted(unknown)}")
     ds = data.load_dataset(FLAGS.dataset, FLAGS.data_dir)
@@ -123,73 +149,75 @@ def main(argv):
     y = ds.y_train[:n]
     levels, dims = ds.info.levels, x_u8.shape[1]
     nominal = n * n * dims
-    base_q = FLAGS.baseline_queries or (1000 if FLAGS.full else n)
+    base_q = FLAGS.baseline_queries or (2048 if FLAGS.full else n)
     base_q = min(base_q, n)
-    defaults = separation.Tiling()
-    tiling = separation.Tiling(
-        FLAGS.query_block or defaults.query_block, FLAGS.ref_block or defaults.ref_block,
-        FLAGS.dim_chunk or defaults.dim_chunk, FLAGS.blocks_per_call or defaults.blocks_per_call)
+    tiling = separation.Tiling(FLAGS.query_block, FLAGS.ref_block, FLAGS.dim_chunk,
+                               FLAGS.blocks_per_call)  # None: the library's default per dtype
 
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; CPU {cpu_model()}, "
           f"{os.cpu_count()} cores; jax {jax.__version__}, devices {jax.devices()}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{FLAGS.dataset} train-train: n = {n} queries x {n} references x D = {dims}: "
-          f"{nominal:.3g} pair-dims; {tiling}; load average {load_average()}")
+          f"{nominal:.3g} pair-dims; load average {load_average()}")
+    print(f"tiling {tiling}; defaults {separation.DEFAULT_TILING}")
     sys.stdout.flush()
 
-    results = {}  # method -> (seconds for the full problem, extrapolated?)
-    reference = None  # grey-level distances of the first method that covers all queries
+    results = {}  # method -> (wall s, CPU s for the full problem, extrapolated?)
+    reference = None  # grey-level distances of the first method timed
 
-    def record(name, seconds, n_timed, dist_levels):
+    def record(name, seconds, cpu_seconds, n_timed, dist_levels):
         nonlocal reference
         full_seconds = seconds * n / n_timed
-        results[name] = (full_seconds, n_timed < n)
-        if reference is not None:
-            agree = np.array_equal(np.asarray(dist_levels), reference[:n_timed])
+        full_cpu = cpu_seconds * n / n_timed
+        results[name] = (full_seconds, full_cpu, n_timed < n)
+        dist_levels = np.asarray(dist_levels).astype(np.int64)
+        agree = None
+        if reference is None:
+            reference = dist_levels
         else:
-            agree = None
-            if n_timed == n:
-                reference = np.asarray(dist_levels)
+            common = min(len(reference), len(dist_levels))
+            agree = np.array_equal(dist_levels[:common], reference[:common])
         note = (f" (timed on {n_timed} queries, extrapolated x{n / n_timed:.1f})"
                 if n_timed < n else "")
-        print(f"{name:<10} {full_seconds:9.2f} s  {nominal / full_seconds:9.3g} pair-dims/s"
+        print(f"{name:<13} {full_seconds:9.2f} s  {nominal / full_seconds:9.3g} pair-dims/s  "
+              f"(CPU {full_cpu:8.1f} s, load {load_average().split()[0]})"
               f"{note}{'' if agree is None else '  same distances: ' + str(agree)}")
         sys.stdout.flush()
 
     for method in FLAGS.methods:
-        if method in ("jax_uint8", "jax_float"):
-            x = x_u8 if method == "jax_uint8" else (x_u8.astype(np.float32) / levels)
-            chunk = jax.device_count() * tiling.blocks_per_call * tiling.query_block
-            t = time.perf_counter()  # warm-up: one call of the same shapes compiles it
-            separation.nearest_other_label_distance(x[:chunk], y[:chunk], x, y,
-                                                    exclude_self=True, tiling=tiling)
-            warm = time.perf_counter() - t
-            t = time.perf_counter()
-            d, _ = separation.nearest_other_label_distance(
-                x, y, x, y, exclude_self=True, tiling=tiling,
-                progress=separation.stderr_progress(method, 30.0))
-            seconds = time.perf_counter() - t
-            print(f"{method:<10} (compile + first call of {min(chunk, n)} queries: {warm:.1f} s)")
-            record(method, seconds, n, d if method == "jax_uint8" else np.rint(d * levels))
+        if method.startswith("jax"):
+            x = (x_u8.astype(np.float32) / levels) if method == "jax_float" else x_u8
+            report = separation.stderr_progress(method, 30.0)
+            t, c = time.perf_counter(), time.process_time()
+            if method == "jax_uint8_qxr":
+                d, _ = separation.nearest_other_label_distance(
+                    x, y, x, y, exclude_self=True, tiling=tiling, progress=report)
+            else:
+                d, _ = separation.train_train_distance(x, y, tiling=tiling, progress=report)
+            record(method, time.perf_counter() - t, time.process_time() - c, n,
+                   d if x.dtype == np.uint8 else np.rint(d * levels))
         elif method == "sklearn":
             xf = x_u8.astype(np.float64) / levels
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             d = sklearn_other_label(xf[:base_q], y[:base_q], xf, y)
-            record(method, time.perf_counter() - t, base_q, np.rint(d * levels))
+            record(method, time.perf_counter() - t, time.process_time() - c, base_q,
+                   np.rint(d * levels))
         elif method == "numpy":
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             d = numpy_other_label(x_u8[:base_q], y[:base_q], x_u8, y)
-            record(method, time.perf_counter() - t, base_q, d)
+            record(method, time.perf_counter() - t, time.process_time() - c, base_q, d)
 
     print(f"load average after: {load_average()}")
     for base in ("sklearn", "numpy"):
         if base not in results:
             continue
-        for name in ("jax_uint8", "jax_float"):
+        for name in ("jax_uint8", "jax_uint8_qxr", "jax_float"):
             if name in results:
-                ratio = results[base][0] / results[name][0]
-                extra = " (baseline extrapolated)" if results[base][1] else ""
-                print(f"ratio {name} vs {base}: {ratio:.1f}x faster{extra}")
+                wall = results[base][0] / results[name][0]
+                cpu = results[base][1] / results[name][1]
+                extra = " (baseline extrapolated)" if results[base][2] else ""
+                print(f"ratio {name} vs {base}: {wall:.1f}x faster in wall time, {cpu:.1f}x in "
+                      f"CPU time{extra}")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@ flags.DEFINE_string("variant", "official", "official (the official code, quirks 
 flags.DEFINE_float("beta", None, "TRADES beta (default 6)")
 flags.DEFINE_float("lam", None, "lambda of GR (default 1), LLR (4) and RST (1)")
 flags.DEFINE_float("mu", None, "LLR mu (default 3)")
-flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10 or svhn")
+flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10, svhn or "
+                    "restricted_imagenet")
 flags.DEFINE_string("data_dir", None, "directory of the data set's files (IDX or TFDS)")
 flags.DEFINE_integer("max_train", None, "use only the first N training points")
 flags.DEFINE_integer("max_test", None, "use only the first N test points")
+flags.DEFINE_string("augment", None, "training augmentation on the device: none, crop_flip "
+                    "(CIFAR-10's official) or crop (Restricted ImageNet's); default: official")
 flags.DEFINE_string("arch", "cnn1", "cnn1, cnn2, wrn, resnet50 or linear")
 flags.DEFINE_float("dropout", None, "dropout rate (default: the arch's official rate; 0 = off)")
 flags.DEFINE_integer("wrn_depth", 40, "WideResNet depth (6n+4)")
@@ -46,6 +49,7 @@ flags.DEFINE_list("milestones", None, "epochs after which lr is x0.1 (default: o
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
 flags.DEFINE_integer("lipschitz_restarts", 1, "random starts of the ascent lipschitz estimate")
+flags.DEFINE_integer("lipschitz_steps", 10, "steps of the lipschitz estimates (official: 10)")
 flags.DEFINE_string("workdir", "runs/default", "where checkpoints and results.json go")
 flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints (and each epoch end)")
 flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
@@ -63,7 +67,8 @@ def config_from_flags() -> cfglib.RunConfig:
     except ValueError:
         raise UserError(f"milestones must be integers, got {FLAGS.milestones}") from None
     return cfglib.RunConfig(
-        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test),
+        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test,
+                               FLAGS.augment),
         model=cfglib.ModelConfig(FLAGS.arch, FLAGS.dropout, FLAGS.wrn_depth, FLAGS.wrn_width,
                                  FLAGS.dtype),
         attack=cfglib.AttackConfig(FLAGS.eps, FLAGS.attack_steps, FLAGS.attack_step_size),
@@ -73,6 +78,7 @@ def config_from_flags() -> cfglib.RunConfig:
             optimizer=FLAGS.optimizer, lr=FLAGS.lr, momentum=FLAGS.momentum,
             milestones=milestones, seed=FLAGS.seed),
         eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
+                               lipschitz_steps=FLAGS.lipschitz_steps,
                                lipschitz_restarts=FLAGS.lipschitz_restarts),
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
         log_every=FLAGS.log_every,

@@ -27,6 +27,7 @@ class DataConfig:
     data_dir: str | None = None
     max_train: int | None = None  # keep the first N training points (quick looks, tests)
     max_test: int | None = None
+    augment: str | None = None  # none | crop_flip | crop; None: the data set's official one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"unknown variant {t.variant!r}; choose official or paper")
     if m.arch not in ARCHS:
         raise UserError(f"unknown arch {m.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.data.augment not in (None, "none", "crop_flip", "crop"):
+        raise UserError(f"unknown augment {cfg.data.augment!r}; choose none, crop_flip or crop")
     if m.dtype not in ("float32", "bfloat16"):
         raise UserError(f"unknown dtype {m.dtype!r}; choose float32 or bfloat16")
     if t.optimizer not in (None, "sgd", "adam"):

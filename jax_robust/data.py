@@ -9,6 +9,12 @@ Sources (name -> where the data come from):
   mnist          IDX files in `data_dir` if it holds them, else TFDS `mnist`.
   cifar10        TFDS `cifar10` through `tfds.data_source` (no TensorFlow needed).
   svhn           TFDS `svhn_cropped` (train and test splits; `extra` is not used, as in the paper).
+  restricted_imagenet
+                 TFDS `imagenet2012` restricted to the 9 super-classes of the official code,
+                 read record by record through grain (it does not fit in memory): the
+                 shorter side resized to 72 (bilinear), then the centre 72x72 kept for
+                 training (random 64x64 crops with padding 8 are taken on the device) and
+                 the centre 64x64 for testing.
 
 Each source also gives its data set's default eps (l_inf attack radius, pixel units).
 """
@@ -34,7 +40,8 @@ IDX_FILES = {
 # digits: the smallest train-train l_inf distance to another label is 7/16 = 0.4375
 # (see README, "Separation"), so any eps below 0.21875 keeps the data eps-separated;
 # 0.1 (as for MNIST) leaves a factor 2.2 of margin.
-DEFAULT_EPS = {"digits": 0.1, "mnist": 0.1, "fashion_mnist": 0.1, "cifar10": 0.031, "svhn": 0.031}
+DEFAULT_EPS = {"digits": 0.1, "mnist": 0.1, "fashion_mnist": 0.1, "cifar10": 0.031, "svhn": 0.031,
+               "restricted_imagenet": 0.005}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +57,9 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Images [N, H, W, C] float32 in [0, 1]; labels [N] int32."""
+    """Images [N, H, W, C] float32 in [0, 1] (NumPy arrays, or `RecordImages` that load on
+    indexing); labels [N] int32. `info.image_shape` is the model's input shape; stored
+    training images may be larger (Restricted ImageNet), cropped on the device."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -61,7 +70,7 @@ class Dataset:
     def as_uint8(self, split: str) -> np.ndarray:
         """Images of `split` ('train' or 'test') as exact integer grey levels k in [0, levels]."""
         x = self.x_train if split == "train" else self.x_test
-        return np.rint(x * self.info.levels).astype(np.uint8)
+        return np.rint(x[np.arange(len(x))] * self.info.levels).astype(np.uint8)
 
 
 def _make(name: str, x_train, y_train, x_test, y_test, levels: int, num_classes: int) -> Dataset:
@@ -70,15 +79,13 @@ def _make(name: str, x_train, y_train, x_test, y_test, levels: int, num_classes:
         num_classes=num_classes,
         eps=DEFAULT_EPS[name],
         levels=levels,
-        image_shape=tuple(int(d) for d in x_train.shape[1:]),
+        image_shape=tuple(int(d) for d in x_test.shape[1:]),
     )
-    return Dataset(
-        x_train=np.ascontiguousarray(x_train, np.float32),
-        y_train=np.asarray(y_train, np.int32),
-        x_test=np.ascontiguousarray(x_test, np.float32),
-        y_test=np.asarray(y_test, np.int32),
-        info=info,
-    )
+    if not isinstance(x_train, RecordImages):
+        x_train = np.ascontiguousarray(x_train, np.float32)
+        x_test = np.ascontiguousarray(x_test, np.float32)
+    return Dataset(x_train=x_train, y_train=np.asarray(y_train, np.int32), x_test=x_test,
+                   y_test=np.asarray(y_test, np.int32), info=info)
 
 
 def load_digits(data_dir: str | None = None) -> Dataset:
@@ -211,12 +218,127 @@ def load_svhn(data_dir: str | None = None) -> Dataset:
     return load_tfds("svhn", "svhn_cropped", data_dir, 10)
 
 
+# ----------------------------------------------------------------------------- Restricted ImageNet
+
+# (name, first, last ImageNet-1k class, inclusive), in the label order of the official
+# ImageFolder (sorted names): bird 0, cat 1, crab 2, dog 3, fish 4, frog 5, insect 6,
+# primate 7, turtle 8. 203 fine classes.
+RESTRICTED_IMAGENET_CLASSES = (
+    ("bird", 80, 100), ("cat", 281, 285), ("crab", 118, 121), ("dog", 151, 268),
+    ("fish", 389, 397), ("frog", 30, 32), ("insect", 300, 319), ("primate", 365, 382),
+    ("turtle", 33, 37),
+)
+
+
+def restricted_imagenet_label(imagenet_label: int) -> int:
+    """The super-class of an ImageNet-1k label, or -1 if it is outside the 9 groups."""
+    for i, (_, first, last) in enumerate(RESTRICTED_IMAGENET_CLASSES):
+        if first <= imagenet_label <= last:
+            return i
+    return -1
+
+
+def resize_and_center_crop(image: np.ndarray, shorter: int, crop: int) -> np.ndarray:
+    """uint8 [H, W, C] -> shorter side resized to `shorter` (PIL bilinear, as torchvision's
+    Resize), then the centre crop x crop window."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if h <= w:
+        size = (max(shorter, round(w * shorter / h)), shorter)
+    else:
+        size = (shorter, max(shorter, round(h * shorter / w)))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    top, left = (resized.shape[0] - crop) // 2, (resized.shape[1] - crop) // 2
+    return resized[top:top + crop, left:left + crop]
+
+
+class RecordImages:
+    """Images of a TFDS split read on demand through a grain MapDataset; indexing with an
+    int array gives float32 [len(idx), crop, crop, 3] in [0, 1], like a NumPy array."""
+
+    def __init__(self, source, record_ids: np.ndarray, shorter: int, crop: int,
+                 threads: int = 8):
+        import grain
+
+        self.record_ids = np.asarray(record_ids, np.int64)
+        self.crop = crop
+        self.shape = (len(self.record_ids), crop, crop, 3)
+        self.dtype = np.dtype(np.float32)
+        self._images = grain.MapDataset.source(source).map(
+            lambda r: resize_and_center_crop(np.asarray(r["image"]), shorter, crop))
+        self._threads = threads
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def head(self, n: int | None) -> "RecordImages":
+        """The first n images (all if n is None), still read on demand."""
+        out = object.__new__(RecordImages)
+        out.__dict__.update(self.__dict__)
+        out.record_ids = self.record_ids[:n]
+        out.shape = (len(out.record_ids),) + self.shape[1:]
+        return out
+
+    def __getitem__(self, idx) -> np.ndarray:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ids = self.record_ids[np.asarray(idx)].reshape(-1)
+        with ThreadPoolExecutor(self._threads) as pool:
+            images = list(pool.map(lambda i: self._images[int(i)], ids))
+        return np.stack(images).astype(np.float32) / 255.0
+
+
+def _restricted_index(source, cache: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(record ids, super-class labels) of the records in the 9 groups; cached in `cache`."""
+    if cache and os.path.exists(cache):
+        with np.load(cache) as f:
+            if int(f["num_records"]) == len(source):
+                return f["ids"], f["labels"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        labels = np.fromiter(pool.map(lambda i: int(source[i]["label"]), range(len(source))),
+                             np.int64, len(source))
+    restricted = np.array([restricted_imagenet_label(int(v)) for v in labels], np.int64)
+    ids = np.flatnonzero(restricted >= 0)
+    if cache:
+        try:
+            np.savez(cache, ids=ids, labels=restricted[ids], num_records=len(source))
+        except OSError:
+            pass
+    return ids, restricted[ids]
+
+
+def load_restricted_imagenet(data_dir: str | None = None) -> Dataset:
+    """Restricted ImageNet (9 classes) from TFDS `imagenet2012` (train / validation)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        train, test = tfds.data_source("imagenet2012", split=["train", "validation"],
+                                       data_dir=data_dir, download=False)
+    except Exception as e:
+        raise DataError(
+            f"TFDS data set imagenet2012 is not prepared in {data_dir or 'the default dir'} "
+            f"(it needs the manually downloaded ImageNet files): {type(e).__name__}") from None
+    cache = (lambda split: os.path.join(data_dir, f"restricted_imagenet_{split}_index.npz")
+             if data_dir else None)
+    train_ids, y_train = _restricted_index(train, cache("train"))
+    test_ids, y_test = _restricted_index(test, cache("validation"))
+    if len(train_ids) == 0 or len(test_ids) == 0:
+        raise DataError("imagenet2012 has no images of the Restricted ImageNet classes")
+    return _make("restricted_imagenet", RecordImages(train, train_ids, 72, 72), y_train,
+                 RecordImages(test, test_ids, 72, 64), y_test, levels=255,
+                 num_classes=len(RESTRICTED_IMAGENET_CLASSES))
+
+
 SOURCES: dict[str, Callable[[str | None], Dataset]] = {
     "digits": load_digits,
     "mnist": load_mnist,
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "svhn": load_svhn,
+    "restricted_imagenet": load_restricted_imagenet,
 }
 
 
@@ -229,9 +351,12 @@ def load_dataset(name: str, data_dir: str | None = None, max_train: int | None =
         raise DataError(f"data directory {data_dir} does not exist")
     ds = SOURCES[name](data_dir)
     if max_train is not None or max_test is not None:
+        def head(x, n):
+            return x.head(n) if isinstance(x, RecordImages) else x[:n]
+
         ds = dataclasses.replace(
             ds,
-            x_train=ds.x_train[:max_train], y_train=ds.y_train[:max_train],
-            x_test=ds.x_test[:max_test], y_test=ds.y_test[:max_test],
+            x_train=head(ds.x_train, max_train), y_train=ds.y_train[:max_train],
+            x_test=head(ds.x_test, max_test), y_test=ds.y_test[:max_test],
         )
     return ds

@@ -9,10 +9,12 @@ step runs on 1 or N devices (and N hosts after `jax.distributed.initialize()`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import flax
@@ -28,6 +30,7 @@ from jax_robust import config as cfglib
 from jax_robust import data as datalib
 from jax_robust import models
 from jax_robust.attacks import pgd_cross_entropy
+from jax_robust.augment import OFFICIAL_AUGMENTATION, augment, center_crop
 from jax_robust.errors import UserError
 from jax_robust.files import write_json_atomic
 from jax_robust.lipschitz import lipschitz_ratios
@@ -160,14 +163,20 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
 
 def make_train_step(objective: Callable, model_fn: models.ModelFn,
                     optimizer: optax.GradientTransformation, hp: ObjectiveParams,
-                    mesh: Mesh) -> Callable:
+                    mesh: Mesh, augmentation: str = "none",
+                    image_hw: tuple[int, int] | None = None) -> Callable:
     """The one shared step: (state, batch, base_key) -> (state, metrics), jitted, pure.
 
     The step's key is fold_in(base_key, state.step), so no key is carried between steps.
+    `augmentation` (augment.AUGMENTATIONS) runs on the device first, giving `image_hw`.
     """
 
     def step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
+        stored_hw = tuple(batch["x"].shape[1:3])
+        if augmentation != "none" or (image_hw and stored_hw != tuple(image_hw)):
+            aug_key, key = jax.random.split(key)
+            batch = dict(batch, x=augment(batch["x"], aug_key, augmentation, image_hw))
 
         def loss_fn(params):
             return objective(model_fn, params, state.model_state, batch, key, hp)
@@ -211,12 +220,16 @@ def empty_metrics() -> dict:
 
 def make_eval_step(model_fn: models.ModelFn, *, eps: float, attack_steps: int,
                    attack_step_size: float, lip_steps: int, lip_step_size: float,
-                   lip_restarts: int, mesh: Mesh) -> Callable:
+                   lip_restarts: int, mesh: Mesh,
+                   image_hw: tuple[int, int] | None = None) -> Callable:
     """(params, model_state, batch, key, ascent) -> sums over the batch's real examples of:
-    clean correct, PGD correct, lipschitz (descent) and, if `ascent`, lipschitz (ascent)."""
+    clean correct, PGD correct, lipschitz (descent) and, if `ascent`, lipschitz (ascent).
+    Images larger than `image_hw` are centre-cropped to it."""
 
     def eval_step(params, model_state, batch, key, ascent: bool):
         x, y, mask = batch["x"], batch["y"], batch["mask"]
+        if image_hw is not None:
+            x = center_crop(x, tuple(image_hw))
 
         def logits_fn(z):
             return model_fn(params, model_state, z, False, None)[0]
@@ -341,6 +354,8 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     root_key = jax.random.key(cfg.train.seed)
     init_key, train_key, eval_key = jax.random.split(root_key, 3)
 
+    augmentation = cfg.data.augment or OFFICIAL_AUGMENTATION.get(dataset.info.name, "none")
+    image_hw = tuple(dataset.info.image_shape[:2])
     params, model_state = models.init_model(module, init_key, dataset.info.image_shape)
     state = replicate(mesh, TrainState(step=jnp.int32(0), params=params,
                                        model_state=model_state,
@@ -367,7 +382,8 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
 
     train_seconds = 0.0
     if not eval_only:
-        step_fn = make_train_step(OBJECTIVES[cfg.train.method], model_fn, optimizer, hp, mesh)
+        step_fn = make_train_step(OBJECTIVES[cfg.train.method], model_fn, optimizer, hp, mesh,
+                                  augmentation, image_hw)
         train_seconds = _train_loop(
             cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
             steps_per_epoch, total_steps, log, should_stop)
@@ -377,7 +393,7 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     eval_step = make_eval_step(
         model_fn, eps=hp.eps, attack_steps=cfg.attack.steps, attack_step_size=hp.step_size,
         lip_steps=cfg.eval.lipschitz_steps, lip_step_size=cfg.eval.lipschitz_step_size,
-        lip_restarts=cfg.eval.lipschitz_restarts, mesh=mesh)
+        lip_restarts=cfg.eval.lipschitz_restarts, mesh=mesh, image_hw=image_hw)
     ev = dict(batch_size=cfg.eval.batch_size, mesh=mesh, log=log)
     test = evaluate(eval_step, state.params, state.model_state, dataset.x_test,
                     dataset.y_test, jax.random.fold_in(eval_key, 0), ascent=True,
@@ -401,6 +417,7 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         "gap": train["acc"] - test["acc"],
         "adv_gap": train["adv_acc"] - test["adv_acc"],
         "eps": hp.eps,
+        "augmentation": augmentation,
         "objective": dataclasses.asdict(hp),
         "schedule": dataclasses.asdict(sched),
         "steps": int(state.step),
@@ -427,46 +444,59 @@ def _train_loop(cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
     acc = empty_metrics()
     start = last_log = time.time()
     first_step, last_log_step = step, step
-    order_epoch, order = -1, None
+
+    @functools.lru_cache(maxsize=2)
+    def order_of(epoch):
+        return epoch_order(len(x_train), cfg.train.seed, epoch)
+
+    def host_batch(step):
+        """This process's rows of batch `step`, gathered on the host (a background thread)."""
+        epoch, i = divmod(step, steps_per_epoch)
+        idx, mask = padded_batch(
+            order_of(epoch)[i * sched.batch_size:(i + 1) * sched.batch_size], sched.batch_size)
+        idx, mask = idx[rows], mask[rows]
+        return {"x": x_train[idx], "y": y_train[idx], "mask": mask}
 
     def checkpoint_if_finite(state, step, epoch):
         bad = int(acc["first_bad"])
         if bad >= 0:
             raise TrainingDiverged(
-                f"the loss or the parameters became non-finite at step {bad} (epoch {bad // steps_per_epoch + 1});"
-                f" the last good checkpoint (step {manager.latest_step()}) is kept; "
-                f"lower --lr")
+                f"the loss or the parameters became non-finite at step {bad} "
+                f"(epoch {(bad - 1) // steps_per_epoch + 1}); the last good checkpoint "
+                f"(step {manager.latest_step()}) is kept; lower --lr")
         ckpt.save(manager, step, state, {"epoch": epoch, "step": step,
                                          "config": cfg.to_dict()})
 
-    while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(len(x_train), cfg.train.seed, epoch)
-        idx, mask = padded_batch(order[i * sched.batch_size:(i + 1) * sched.batch_size],
-                                 sched.batch_size)
-        idx, mask = idx[rows], mask[rows]
-        batch = shard_batch(mesh, {"x": x_train[idx], "y": y_train[idx], "mask": mask})
-        state, metrics = step_fn(state, batch, train_key)
-        acc = accumulate_metrics(acc, metrics)
-        step += 1
-        end_of_epoch = i == steps_per_epoch - 1
-        if end_of_epoch or step % cfg.log_every == 0 or step == total_steps:
-            acc = jax.device_get(acc)
-            now = time.time()
-            rate = (step - last_log_step) * sched.batch_size / max(now - last_log, 1e-9)
-            eta = (total_steps - step) * (now - start) / max(step - first_step, 1)
-            if int(acc["first_bad"]) < 0:
-                log(f"epoch {epoch + 1}/{sched.epochs} step {step}/{total_steps} "
-                    f"loss {acc['loss_sum'] / max(acc['count'], 1):.4f} "
-                    f"acc {100 * acc['correct'] / max(acc['count'], 1):.2f}% "
-                    f"{rate:.0f} img/s ETA {_fmt_time(eta)}")
-                if end_of_epoch:
-                    acc = {**empty_metrics(), "first_bad": acc["first_bad"]}
-            last_log, last_log_step = now, step
-        stop = should_stop()
-        if stop or end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps:
-            checkpoint_if_finite(state, step, epoch + int(end_of_epoch))
-        if stop:
-            raise Interrupted(f"stopped at step {step}; checkpoint saved, rerun to resume")
+    prefetch = ThreadPoolExecutor(1)
+    pending = prefetch.submit(host_batch, step)
+    try:
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            batch = shard_batch(mesh, pending.result())
+            if step + 1 < total_steps:  # gather the next batch while the device works
+                pending = prefetch.submit(host_batch, step + 1)
+            state, metrics = step_fn(state, batch, train_key)
+            acc = accumulate_metrics(acc, metrics)
+            step += 1
+            end_of_epoch = i == steps_per_epoch - 1
+            if end_of_epoch or step % cfg.log_every == 0 or step == total_steps:
+                acc = jax.device_get(acc)
+                now = time.time()
+                rate = (step - last_log_step) * sched.batch_size / max(now - last_log, 1e-9)
+                eta = (total_steps - step) * (now - start) / max(step - first_step, 1)
+                if int(acc["first_bad"]) < 0:
+                    log(f"epoch {epoch + 1}/{sched.epochs} step {step}/{total_steps} "
+                        f"loss {acc['loss_sum'] / max(acc['count'], 1):.4f} "
+                        f"acc {100 * acc['correct'] / max(acc['count'], 1):.2f}% "
+                        f"{rate:.0f} img/s ETA {_fmt_time(eta)}")
+                    if end_of_epoch:
+                        acc = {**empty_metrics(), "first_bad": acc["first_bad"]}
+                last_log, last_log_step = now, step
+            stop = should_stop()
+            if stop or end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps:
+                checkpoint_if_finite(state, step, epoch + int(end_of_epoch))
+            if stop:
+                raise Interrupted(f"stopped at step {step}; checkpoint saved, rerun to resume")
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
     return time.time() - start

@@ -19,20 +19,22 @@ FASHION_DIR = data.FASHION_MNIST_DIR
 # ----------------------------------------------------------------------------- references
 
 
-def brute_force(xq, yq, xr, yr, exclude_self=False, chunk=64):
+def brute_force(xq, yq, xr, yr, exclude_self=False, chunk=32):
     """NumPy: (distance, first argmin) of the nearest reference point with another label.
 
-    Integer inputs in exact int16 arithmetic, float inputs as float32 |a - b| then max.
+    uint8 inputs: exact grey levels, max(a, b) - min(a, b) in uint8; float inputs: float32
+    |a - b|, then max.
     """
     xq = xq.reshape(len(xq), -1)
     xr = xr.reshape(len(xr), -1)
-    wide = np.int16 if xq.dtype == np.uint8 else np.float32
     big = np.iinfo(np.int32).max if xq.dtype == np.uint8 else np.inf
     dist, index = [], []
     for lo in range(0, len(xq), chunk):
-        q = xq[lo:lo + chunk].astype(wide)
-        d = np.abs(q[:, None, :] - xr[None, :, :].astype(wide)).max(-1)
-        d = d.astype(np.int64 if xq.dtype == np.uint8 else np.float32)
+        q = xq[lo:lo + chunk, None, :]
+        if xq.dtype == np.uint8:
+            d = (np.maximum(q, xr[None]) - np.minimum(q, xr[None])).max(-1).astype(np.int64)
+        else:
+            d = np.abs(q.astype(np.float32) - xr[None].astype(np.float32)).max(-1)
         mask = yq[lo:lo + chunk, None] == yr[None, :]
         if exclude_self:
             rows = np.arange(lo, lo + len(q))
@@ -71,10 +73,15 @@ def fashion_subset():
     return x_train, ds.y_train[train], x_test, ds.y_test[test]
 
 
-def check_exact(xq, yq, xr, yr, exclude_self, **kwargs):
-    d, i = separation.nearest_other_label_distance(xq, yq, xr, yr, exclude_self=exclude_self,
-                                                   **kwargs)
-    want_d, want_i = brute_force(xq, yq, xr, yr, exclude_self)
+def check_exact(xq, yq, xr, yr, exclude_self, train_train=False, want=None, **kwargs):
+    """Our distances and indices equal NumPy's (`want`, or computed); train_train: the
+    symmetric function instead. Returns NumPy's answer."""
+    if train_train:
+        d, i = separation.train_train_distance(xq, yq, **kwargs)
+    else:
+        d, i = separation.nearest_other_label_distance(xq, yq, xr, yr,
+                                                       exclude_self=exclude_self, **kwargs)
+    want_d, want_i = want if want is not None else brute_force(xq, yq, xr, yr, exclude_self)
     np.testing.assert_array_equal(d, want_d)
     # The returned index attains the minimum, has another label, is not the query itself,
     # and is the first such index (the documented tie rule).
@@ -85,7 +92,7 @@ def check_exact(xq, yq, xr, yr, exclude_self, **kwargs):
     if exclude_self:
         assert (i != np.arange(len(xq))).all()
     np.testing.assert_array_equal(i, want_i)
-    return d, i
+    return want_d, want_i
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -93,8 +100,10 @@ def check_exact(xq, yq, xr, yr, exclude_self, **kwargs):
 
 def test_digits_train_train_exact(digits):
     x_train, y_train, _, _ = digits
-    d, _ = check_exact(x_train, y_train, x_train, y_train, exclude_self=True)
-    assert d.min() == 7  # 7/16 = 0.4375, the value data.py quotes
+    want = check_exact(x_train, y_train, x_train, y_train, exclude_self=True)
+    check_exact(x_train, y_train, x_train, y_train, exclude_self=True, train_train=True,
+                want=want)
+    assert want[0].min() == 7  # 7/16 = 0.4375, the value data.py quotes
 
 
 def test_digits_test_train_exact(digits):
@@ -104,7 +113,9 @@ def test_digits_test_train_exact(digits):
 
 def test_fashion_mnist_subset_exact(fashion_subset):
     x_train, y_train, x_test, y_test = fashion_subset
-    check_exact(x_train, y_train, x_train, y_train, exclude_self=True)
+    want = check_exact(x_train, y_train, x_train, y_train, exclude_self=True)
+    check_exact(x_train, y_train, x_train, y_train, exclude_self=True, train_train=True,
+                want=want)
     check_exact(x_test, y_test, x_train, y_train, exclude_self=False)
 
 
@@ -113,6 +124,11 @@ def test_float_path_equals_numpy_and_uint8_path(digits):
     xf_train, xf_test = x_train.astype(np.float32) / 16, x_test.astype(np.float32) / 16
     d_float, _ = check_exact(xf_test, y_test, xf_train, y_train, exclude_self=False)
     assert d_float.dtype == np.float32
+    d_float_tt, _ = check_exact(xf_train, y_train, xf_train, y_train, exclude_self=True,
+                                train_train=True)
+    d_int_tt, _ = separation.train_train_distance(x_train, y_train)
+    assert d_int_tt.dtype == np.int32
+    np.testing.assert_allclose(d_float_tt, d_int_tt / 16, rtol=0, atol=1e-6)
     d_int, _ = separation.nearest_other_label_distance(x_test, y_test, x_train, y_train)
     assert d_int.dtype == np.int32
     np.testing.assert_allclose(d_float, d_int / 16, rtol=0, atol=1e-6)
@@ -133,6 +149,12 @@ def test_tiling_that_does_not_divide_gives_same_answer(digits, tiling):
                                                   tiling=tiling)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+    # The symmetric train-train function on the same 301 points, few and many calls.
+    want = brute_force(xq, yq, xq, yq, exclude_self=True)
+    for calls in (1, 7):
+        got = separation.train_train_distance(xq, yq, tiling=tiling, calls=calls)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_class_nearest_matches_numpy_and_handles_empty_class(digits):
@@ -149,11 +171,12 @@ def test_class_nearest_matches_numpy_and_handles_empty_class(digits):
 
 
 def test_exclude_self_skips_a_differently_labelled_duplicate():
-    x = np.array([[0, 0], [0, 0], [200, 200]], np.uint8)  # points 0 and 1 are identical
-    y = np.array([0, 1, 1])
-    d, i = separation.nearest_other_label_distance(x, y, x, y, exclude_self=True)
-    np.testing.assert_array_equal(d, [0, 0, 200])
-    np.testing.assert_array_equal(i, [1, 0, 0])
+    x = np.array([[0, 0], [0, 0], [200, 200], [0, 0]], np.uint8)  # 0, 1, 3 are identical
+    y = np.array([0, 1, 1, 0])
+    for d, i in (separation.nearest_other_label_distance(x, y, x, y, exclude_self=True),
+                 separation.train_train_distance(x, y)):
+        np.testing.assert_array_equal(d, [0, 0, 200, 0])
+        np.testing.assert_array_equal(i, [1, 0, 0, 1])  # ties: the smallest index
 
 
 def test_multi_device_subprocess_matches_numpy(tmp_path):
@@ -165,15 +188,17 @@ def test_multi_device_subprocess_matches_numpy(tmp_path):
         "ds = data.load_digits(); x = ds.as_uint8('train').reshape(len(ds.y_train), -1)[:500]\n"
         "y = ds.y_train[:500]\n"
         "d, i = separation.nearest_other_label_distance(x, y, x, y, exclude_self=True)\n"
-        "np.save(%r, np.stack([d, i]))\n" % (ROOT, str(tmp_path / "out.npy")))
+        "d2, i2 = separation.train_train_distance(x, y, calls=5)\n"
+        "np.save(%r, np.stack([d, i, d2, i2]))\n" % (ROOT, str(tmp_path / "out.npy")))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
-    d, i = np.load(tmp_path / "out.npy")
+    d, i, d2, i2 = np.load(tmp_path / "out.npy")
     ds = data.load_digits()
     x = ds.as_uint8("train").reshape(len(ds.y_train), -1)[:500]
     want_d, want_i = brute_force(x, ds.y_train[:500], x, ds.y_train[:500], exclude_self=True)
-    np.testing.assert_array_equal(d, want_d)
-    np.testing.assert_array_equal(i, want_i)
+    for got_d, got_i in ((d, i), (d2, i2)):
+        np.testing.assert_array_equal(got_d, want_d)
+        np.testing.assert_array_equal(got_i, want_i)
 
 
 # ----------------------------------------------------------------------------- the certificate
@@ -223,6 +248,21 @@ def test_certified_mask_is_exact_in_grey_levels():
                                   [False, True])
 
 
+def test_separation_summary_statistics_and_closest_pairs():
+    # Four points, levels 255: 0 <-> 1 at 40 levels (listed once), 2 -> 1 at 51, 3 -> 0 at 60.
+    dist = np.array([40, 40, 51, 60])
+    index = np.array([1, 0, 1, 0])
+    y = np.array([0, 1, 0, 1])
+    s = separation.separation_summary(dist, index, y, y, levels=255, eps=0.1, n_closest=10,
+                                      symmetric=True)
+    assert s["min"] == 40 / 255 and s["min_levels"] == 40
+    assert s["q0.5"] == np.quantile(dist / 255, 0.5) and s["mean"] == np.mean(dist / 255)
+    assert s["n_below_2eps"] == 2  # 2 eps = 51 levels exactly: 51 is not below it
+    pairs = [(p["query_index"], p["ref_index"]) for p in s["closest"]]
+    assert pairs == [(0, 1), (2, 1), (3, 0)]
+    assert separation.count_below(np.array([50, 51, 52]), 0.2, 255) == 1
+
+
 def smooth_class_distances(x, x_ref, y_ref, num_classes, temperature):
     """Smooth surrogate of the per-class l_inf distance: log-sum-exp max over pixels, then a
     log-sum-exp min over the class's points. x [B, D] -> [B, C]."""
@@ -235,7 +275,7 @@ def smooth_class_distances(x, x_ref, y_ref, num_classes, temperature):
     return jnp.stack(out, axis=1)
 
 
-def pgd_on_surrogate(x, y, x_ref, y_ref, eps, key, steps=40, temperature=0.005):
+def pgd_on_surrogate(x, y, x_ref, y_ref, eps, key, steps=30, temperature=0.005):
     """Sign-gradient l_inf PGD (random start) maximising d_y - min_{j != y} d_j."""
     num_classes = int(y_ref.max()) + 1
 
@@ -253,7 +293,7 @@ def pgd_on_surrogate(x, y, x_ref, y_ref, eps, key, steps=40, temperature=0.005):
     return np.asarray(x_adv)
 
 
-def clean_free(x, x_ref, y_ref):
+def exact_class_distances(x, x_ref, y_ref):
     """Exact class distances at (attacked) float points [B, D] -> [B, 10], NumPy float64."""
     return brute_class_distances(x, x_ref, y_ref, 10)
 
@@ -269,22 +309,23 @@ def margin(class_dist, pred):
 def test_certificate_is_never_beaten_by_pgd(digits):
     x_train, y_train, x_test, y_test = digits
     xf_train = x_train.astype(np.float32) / 16
-    xf_test = x_test[:120].astype(np.float32) / 16
-    cd, _ = separation.class_nearest(x_test[:120], x_train, y_train, 10)
+    xf_test = x_test[:80].astype(np.float32) / 16
+    cd, _ = separation.class_nearest(x_test[:80], x_train, y_train, 10)
     pred, radius = separation.distance_classifier(cd / 16)
     eps = 0.1
     certified = radius > eps
-    assert certified.sum() >= 40
+    assert certified.sum() >= 30
     x_adv = pgd_on_surrogate(jnp.asarray(xf_test), jnp.asarray(pred), jnp.asarray(xf_train),
                              jnp.asarray(y_train), eps, jax.random.key(0))
     assert np.abs(x_adv - xf_test).max() <= eps + 1e-6
-    pred_adv = np.argmin(clean_free(x_adv, xf_train, y_train), axis=1)
+    pred_adv = np.argmin(exact_class_distances(x_adv, xf_train, y_train), axis=1)
     # Exact distance classifier at the attacked points: no certified prediction changes...
     np.testing.assert_array_equal(pred_adv[certified], pred[certified])
     # ...while the same attack does flip some uncertified ones and, on certified points, eats
     # most of the 2 eps by which a 1-Lipschitz margin can shrink (it is a real attack).
     assert (pred_adv[~certified] != pred[~certified]).sum() >= 5
-    margin_drop = margin(cd / 16, pred) - margin(clean_free(x_adv, xf_train, y_train), pred)
+    adv_dist = exact_class_distances(x_adv, xf_train, y_train)
+    margin_drop = margin(cd / 16, pred) - margin(adv_dist, pred)
     assert margin_drop[certified].mean() > 0.6 * 2 * eps
     assert margin_drop.max() <= 2 * eps + 1e-6
 
