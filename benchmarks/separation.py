@@ -37,22 +37,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 
 
-def _one_host_device_per_core() -> None:
-    """One XLA:CPU device per core, unless XLA_FLAGS already says how many (before jax).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jax_robust.speed_flags import one_host_device_per_core  # noqa: E402  (no jax import)
 
-    The query axis is sharded over devices; on the 2-core CPU two single-threaded devices ran
-    the separation scan 1.7x faster than one device using XLA's intra-op threads (BUILD_NOTES).
-    Only the CPU platform is affected.
-    """
-    flags_now = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags_now:
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
-        os.environ["XLA_FLAGS"] = (f"{flags_now} --xla_force_host_platform_device_count="
-                                   f"{cores}").strip()
-
-
-_one_host_device_per_core()
+one_host_device_per_core()
 
 import cli  # noqa: E402,F401  (sets XLA flags before jax is imported)
 from absl import flags  # noqa: E402

@@ -16,29 +16,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 
 
-def _one_host_device_per_core() -> None:
-    """One XLA:CPU device per core, unless XLA_FLAGS already says how many (before jax).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jax_robust.speed_flags import one_host_device_per_core  # noqa: E402  (no jax import)
 
-    The query axis is sharded over devices; on the 2-core CPU two single-threaded devices ran
-    the separation scan 1.7x faster than one device using XLA's intra-op threads (BUILD_NOTES).
-    Only the CPU platform is affected.
-    """
-    flags_now = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags_now:
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
-        os.environ["XLA_FLAGS"] = (f"{flags_now} --xla_force_host_platform_device_count="
-                                   f"{cores}").strip()
-
-
-_one_host_device_per_core()
+one_host_device_per_core()
 
 import cli  # noqa: E402,F401  (sets XLA flags before jax is imported)
 from absl import flags  # noqa: E402
+
+from jax_robust.files import write_json_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10 or svhn")
@@ -59,20 +48,6 @@ CLASS_NAMES = {  # short names for the pair figure
 PAPER = {  # PAPER.md, Table 1: min Train-Train, min Test-Train
     "mnist": (0.737, 0.812), "cifar10": (0.212, 0.220), "svhn": (0.094, 0.110),
 }
-
-
-def write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".separation.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_figure_atomic(fig, path: str) -> None:
