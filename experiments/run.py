@@ -50,7 +50,8 @@ flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
 flags.DEFINE_integer("lipschitz_restarts", 1, "random starts of the ascent lipschitz estimate")
 flags.DEFINE_integer("lipschitz_steps", 10, "steps of the lipschitz estimates (official: 10)")
-flags.DEFINE_string("workdir", "runs/default", "where checkpoints and results.json go")
+flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (default: "
+                    "runs/<dataset>_<arch>_<method>[<beta|lam>]_<variant>_seed<seed>)")
 flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints (and each epoch end)")
 flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
 flags.DEFINE_integer("log_every", 50, "steps between progress lines")
@@ -85,6 +86,16 @@ def config_from_flags() -> cfglib.RunConfig:
     )
 
 
+def default_workdir(cfg: cfglib.RunConfig) -> str:
+    """runs/<dataset>_<arch>_<method>[<weight>]_<variant>_seed<seed>,
+    e.g. runs/digits_cnn1_rst2_official_seed0."""
+    t = cfg.train
+    weight = {"trades": t.beta, "rst": t.lam, "gr": t.lam, "llr": t.lam}.get(t.method)
+    name = (f"{cfg.data.dataset}_{cfg.model.arch}_{t.method}"
+            + (f"{weight:g}" if weight is not None else "") + f"_{t.variant}_seed{t.seed}")
+    return os.path.join("runs", name)
+
+
 ROW = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap")
 
 
@@ -103,6 +114,8 @@ def prepare(argv: list[str]) -> cfglib.RunConfig:
         raise UserError(f"unexpected arguments {rest[1:]}; flags are --name=value")
     cfg = config_from_flags()
     cfglib.validate(cfg)
+    if FLAGS.workdir is None:
+        FLAGS.workdir = default_workdir(cfg)
     try:
         os.makedirs(FLAGS.workdir, exist_ok=True)
         probe = os.path.join(FLAGS.workdir, ".write_test")

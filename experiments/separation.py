@@ -13,7 +13,6 @@ g(x) = argmin_c dist(x, X_train^(c)) with its certified radius. Prints a summary
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

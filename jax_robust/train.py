@@ -301,6 +301,12 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# Settings that make a different run: a checkpoint written with others is not resumed.
+RUN_IDENTITY = ("data.dataset", "data.max_train", "data.max_test", "data.augment", "model.",
+                "attack.", "train.method", "train.variant", "train.beta", "train.lam",
+                "train.mu", "train.gr_h", "train.llr_steps", "train.seed")
+
+
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted names of the settings that differ between two config dicts (JSON-compared)."""
     out = []
@@ -369,6 +375,10 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         log(f"resumed from checkpoint {ck_step} (epoch {meta.get('epoch')}, "
             f"step {int(state.step)}/{total_steps})")
         changed = config_changes(meta.get("config", {}), cfg.to_dict())
+        different_run = [c for c in changed if c.startswith(RUN_IDENTITY)]
+        if different_run:
+            raise UserError(f"{workdir} holds a run with other {', '.join(different_run)}; "
+                            f"use another --workdir")
         if changed:
             log(f"warning: the checkpoint was written with other settings of "
                 f"{', '.join(changed)}; continuing with the new ones")

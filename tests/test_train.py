@@ -161,3 +161,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     with pytest.raises(train.TrainingDiverged, match="non-finite at step") as err:
         train.train_and_evaluate(cfg, str(tmp_path), log=lambda _: None)
     assert "last good checkpoint" in str(err.value)
+
+
+def test_a_workdir_of_another_run_is_refused(tmp_path):
+    from jax_robust.errors import UserError
+
+    natural = dataclasses.replace(
+        SMALL, train=dataclasses.replace(SMALL.train, method="natural", epochs=1),
+        eval=cfglib.EvalConfig(batch_size=32, lipschitz_steps=1))
+    train.train_and_evaluate(natural, str(tmp_path), log=lambda _: None)
+    at = dataclasses.replace(natural, train=dataclasses.replace(natural.train, method="at"))
+    with pytest.raises(UserError, match="other train.method"):
+        train.train_and_evaluate(at, str(tmp_path), log=lambda _: None)
+    longer = dataclasses.replace(natural, train=dataclasses.replace(natural.train, epochs=2))
+    messages = []
+    result = train.train_and_evaluate(longer, str(tmp_path), log=messages.append)
+    assert result["steps"] == 10 and any("other settings of train.epochs" in m for m in messages)
