@@ -58,26 +58,46 @@ def csv_table(results: list[dict]) -> str:
     return buf.getvalue()
 
 
+METHOD_COLORS = {"natural": "tab:gray", "gr": "tab:olive", "llr": "tab:brown", "at": "tab:red",
+                 "rst": "tab:blue", "trades": "tab:green"}
+
+
 def plot_lipschitz_vs_robustness(results: list[dict], path: str, title: str = "") -> None:
-    """Scatter of test lipschitz (both directions) against adv test acc, one point per run."""
+    """Test lipschitz (official descent | ascent) against adv test acc, one point per run:
+    colour = method, circle = official variant, square = paper variant, label = weight."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "test_lipschitz", "official (descent)"),
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, key, label in ((axes[0], "test_lipschitz", "official estimator (descent)"),
                            (axes[1], "test_lipschitz_ascent", "ascent (maximum search)")):
         for r in results:
-            marker = "o" if r["variant"] == "official" else "s"
-            ax.scatter(r[key], r["adv_test_acc"], marker=marker)
-            ax.annotate(row_label(r), (r[key], r["adv_test_acc"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.scatter(r[key], r["adv_test_acc"], color=METHOD_COLORS.get(r["method"], "k"),
+                       marker="o" if r["variant"] == "official" else "s", s=36, alpha=0.85)
+            weight = r.get("objective", {}).get({"rst": "lam", "trades": "beta"}.get(
+                r["method"], ""))
+            if weight is not None:
+                ax.annotate(f"{weight:g}", (r[key], r["adv_test_acc"]), fontsize=7,
+                            xytext=(4, -3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel(f"test lipschitz, {label} (log)")
-        ax.set_ylabel("adv test acc (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title or "Local Lipschitzness vs. robustness (o official, s paper variant)")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"test lipschitz, {label}, log scale")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("adv test acc (%)")
+    methods = [m for m in METHOD_COLORS if any(r["method"] == m for r in results)]
+    names = {"natural": "Natural", "gr": "GR", "llr": "LLR", "at": "AT", "rst": "RST",
+             "trades": "TRADES"}
+    handles = [Line2D([], [], color=METHOD_COLORS[m], marker="o", ls="", label=names[m])
+               for m in methods]
+    handles += [Line2D([], [], color="k", marker="o", ls="", fillstyle="none", label="official"),
+                Line2D([], [], color="k", marker="s", ls="", fillstyle="none", label="paper")]
+    axes[1].legend(handles=handles, fontsize=7, loc="lower right")
+    fig.suptitle(title or "Local Lipschitzness vs. robustness")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
