@@ -390,13 +390,13 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         f"{steps_per_epoch} steps, batch {sched.batch_size}, {sched.optimizer} lr {sched.lr:g}, "
         f"{mesh.size} x {jax.devices()[0].device_kind}")
 
-    train_seconds = 0.0
+    train_seconds = float(restored[1].get("train_seconds", 0.0)) if restored else 0.0
     if not eval_only:
         step_fn = make_train_step(OBJECTIVES[cfg.train.method], model_fn, optimizer, hp, mesh,
                                   augmentation, image_hw)
         train_seconds = _train_loop(
             cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
-            steps_per_epoch, total_steps, log, should_stop)
+            steps_per_epoch, total_steps, log, should_stop, train_seconds)
         state = ckpt.restore_latest(manager, abstract, warn=log)[0]
 
     start = time.time()
@@ -446,8 +446,9 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
 
 
 def _train_loop(cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
-                steps_per_epoch, total_steps, log, should_stop) -> float:
-    """Runs the steps from state.step to total_steps, checkpointing; returns seconds spent."""
+                steps_per_epoch, total_steps, log, should_stop, prior_seconds) -> float:
+    """Runs the steps from state.step to total_steps, checkpointing; returns the seconds
+    spent training, including `prior_seconds` of earlier (interrupted) processes."""
     x_train, y_train = dataset.x_train, dataset.y_train
     rows = local_rows(sched.batch_size)
     step = int(state.step)
@@ -474,8 +475,9 @@ def _train_loop(cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
                 f"the loss or the parameters became non-finite at step {bad} "
                 f"(epoch {(bad - 1) // steps_per_epoch + 1}); the last good checkpoint "
                 f"(step {manager.latest_step()}) is kept; lower --lr")
-        ckpt.save(manager, step, state, {"epoch": epoch, "step": step,
-                                         "config": cfg.to_dict()})
+        ckpt.save(manager, step, state, {
+            "epoch": epoch, "step": step, "config": cfg.to_dict(),
+            "train_seconds": prior_seconds + time.time() - start})
 
     prefetch = ThreadPoolExecutor(1)
     pending = prefetch.submit(host_batch, step)
@@ -509,4 +511,4 @@ def _train_loop(cfg, dataset, state, step_fn, manager, train_key, mesh, sched,
                 raise Interrupted(f"stopped at step {step}; checkpoint saved, rerun to resume")
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
-    return time.time() - start
+    return prior_seconds + time.time() - start
