@@ -4,16 +4,19 @@
 that flag (their value wins). It must run before `jax` is first imported, which is why this
 module imports nothing from JAX. Notebook users: call it in the first cell.
 
-Flags (measured in BUILD_NOTES.md; they change speed only, never results):
-  --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
-      jaxlib 0.10's YNNPACK fusion runs unpadded convolutions ~5x slower than Eigen on this CPU.
+Flags (measured in BUILD_NOTES.md):
+  --xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce
+      -individual_convolution: jaxlib 0.10's YNNPACK fusion runs unpadded convolutions ~5x
+      slower than Eigen on this CPU (speed only).
+      -reduce: its YNNPACK reduce fusion MISCOMPILES a uint8 subtraction fused into a max over
+      a non-minor axis (94% of entries wrong; tests/test_attacks.py checks the fix).
 """
 
 from __future__ import annotations
 
 import os
 
-CPU_SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+CPU_SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce",)
 
 
 def append_speed_flags(extra: tuple[str, ...] = ()) -> str:
