@@ -1,0 +1,310 @@
+"""In-process speed levers of the JAX step, applied by patching while a step is built and traced.
+
+A variant is '+'-joined lever names ("base" = the library as it is):
+  rolled      PGD loop as a rolled `lax.fori_loop` (the library unrolls it)
+  nnpool      `nn.max_pool` instead of the library's reshape-and-max `max_pool_2x2`
+  flipconv    stride-1 NHWC/HWIO convolutions with a custom VJP: the input gradient is a plain
+              forward convolution of the padded cotangent with the flipped, in/out-swapped kernel
+              (physically transposed, canonical dimension numbers); the kernel gradient is JAX's
+  col2im      the same custom VJP for convolutions with at most 4 input channels (the first
+              layer), the input gradient as one matmul (cotangent x kernel^T, [N,H,W,kh*kw*C])
+              and a sum of kh*kw shifted slices: XLA:CPU's convolution is slow at 1 output
+              channel
+  poolvjp     `max_pool_2x2` with a custom VJP: forward the max of the four strided slices,
+              backward one fused pass, g / (number of maxima) to every maximum of its window
+              (the same gradient as JAX's reshape-and-max: ties share evenly)
+  poolidx     as poolvjp, but PyTorch's gradient: all of g to the FIRST maximum of each window
+              (row-major), from a saved int8 window index: the backward reads g and the
+              index only, not the input again
+  poolbias    CNN1 adds its conv2 bias after the pool: pool(z) + b = pool(z + b) exactly
+              (adding a per-channel constant commutes with max, rounding included), and the
+              bias gradient sums the pooled map's gradient, 4x smaller
+  biasdot     the transpose of an implicit broadcast over leading axes (a bias add's bias
+              gradient: a column sum over N*H*W) as ones[1, N*H*W] @ g[N*H*W, C], a dot,
+              instead of XLA's reduce (~10x slower on CPU for [128, 24, 24, 64]); big ones only
+  slicepool   the max of the four strided slices, JAX's own gradient (ties shared pairwise)
+  relupool    CNN2 pools before its ReLU: relu(pool(conv)) = pool(relu(conv)) exactly, values
+              and gradients (max and ReLU commute); the ReLU then runs on the pooled map
+  nodonate    the step jitted without donating the state
+  rbg, unsafe_rbg, threefry   the PRNG implementation of the step's key
+Patches are undone when the `patched` context exits; tracing (`.lower`) must happen inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_robust import models
+
+LEVERS = ("rolled", "nnpool", "flipconv", "col2im", "poolvjp", "poolidx", "poolbias", "biasdot", "slicepool",
+          "relupool", "nodonate", "rbg",
+          "unsafe_rbg", "threefry")
+_ORIG_CONV = jax.lax.conv_general_dilated
+_ORIG_FORI = jax.lax.fori_loop
+_ORIG_JIT = jax.jit
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def parse(variant: str) -> set[str]:
+    parts = set() if variant == "base" else set(variant.split("+"))
+    unknown = parts - set(LEVERS)
+    if unknown:
+        raise ValueError(f"unknown levers {sorted(unknown)}; choose from {LEVERS}")
+    return parts
+
+
+def prng_impl(variant: str) -> str | None:
+    impls = parse(variant) & {"rbg", "unsafe_rbg", "threefry"}
+    return impls.pop() if impls else None
+
+
+def _col2im_input_grad(g, w, padding, x_shape):
+    """Input gradient of a stride-1 NHWC/HWIO conv: g @ w^T, then overlap-add the kh*kw taps."""
+    kh, kw, c_in, c_out = w.shape
+    n, h, wd, _ = x_shape
+    cols = jnp.einsum("nhwo,kio->nhwki", g, w.reshape(kh * kw, c_in, c_out))
+    ho, wo = g.shape[1:3]
+    (pt, _), (pl, _) = padding
+    out = 0.0
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)  # output pixel (a, b) read input pixel (a + i - pt, b + j - pl)
+        top, left = i - pt, j - pl
+        out = out + jax.lax.pad(cols[:, :, :, k], jnp.array(0, g.dtype), (
+            (0, 0, 0), (top, h - top - ho, 0), (left, wd - left - wo, 0), (0, 0, 0)))
+    return out
+
+
+def _custom_conv_fn(padding, dx_mode):
+    """Stride-1 NHWC/HWIO conv with explicit `padding` and a hand-written input VJP."""
+
+    def conv(x, w):
+        return _ORIG_CONV(x, w, (1, 1), padding, dimension_numbers=_NHWC)
+
+    @jax.custom_vjp
+    def f(x, w):
+        return conv(x, w)
+
+    def fwd(x, w):
+        return conv(x, w), (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        kh, kw = w.shape[:2]
+        if dx_mode == "col2im":
+            gx = _col2im_input_grad(g, w, padding, x.shape)
+        else:
+            w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # [kh, kw, out, in]: an HWIO kernel
+            pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                    (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+            gx = _ORIG_CONV(g, w_t, (1, 1), pads, dimension_numbers=_NHWC)
+        gw = jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0]
+        return gx, gw
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def custom_conv(modes, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
+    """lax.conv_general_dilated; plain stride-1 NHWC/HWIO convs get the custom input VJP."""
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    plain = (lhs.ndim == 4 and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+             and tuple(window_strides) == (1, 1) and feature_group_count == 1
+             and batch_group_count == 1 and not kw.get("preferred_element_type")
+             and all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ())))
+    mode = ("col2im" if "col2im" in modes and rhs.shape[2] <= 4 else
+            "flip" if "flipconv" in modes else None)
+    if plain and mode:
+        pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+                if isinstance(padding, str) else padding)
+        pads = tuple(tuple(p) for p in pads)
+        if all(0 <= p <= k - 1 for (lo, hi), k in zip(pads, rhs.shape[:2]) for p in (lo, hi)):
+            return _custom_conv_fn(pads, mode)(lhs, rhs)
+    return _ORIG_CONV(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                      dimension_numbers, feature_group_count, batch_group_count, **kw)
+
+
+flipconv = functools.partial(custom_conv, ("flipconv",))
+
+
+def _window_slices(x):
+    """The four [n, h/2, w/2, c] strided slices of each 2x2 window (odd edges dropped)."""
+    n, h, w, c = x.shape
+    x6 = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    return [x6[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
+
+
+def slice_max_pool_2x2(x):
+    a, b, c, d = _window_slices(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+@jax.custom_vjp
+def vjp_max_pool_2x2(x):
+    return slice_max_pool_2x2(x)
+
+
+def _pool_fwd(x):
+    m = slice_max_pool_2x2(x)
+    return m, (x, m)
+
+
+def _pool_bwd(res, g):
+    x, m = res
+    n, h, w, c = x.shape
+    count = sum((p == m).astype(g.dtype) for p in _window_slices(x))
+    x6 = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    gx = jnp.where(x6 == m[:, :, None, :, None], (g / count)[:, :, None, :, None], 0.0)
+    gx = gx.reshape(n, h // 2 * 2, w // 2 * 2, c)
+    if (h % 2) or (w % 2):
+        gx = jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return (gx,)
+
+
+vjp_max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+
+
+@jax.custom_vjp
+def idx_max_pool_2x2(x):
+    return slice_max_pool_2x2(x)
+
+
+def _idx_fwd(x):
+    a, b, c, d = _window_slices(x)
+    m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.int8)
+    return m, (first, x.shape)
+
+
+def _idx_bwd(res, g):
+    first, (n, h, w, c) = res
+    pos = (2 * jnp.arange(2)[:, None] + jnp.arange(2)[None, :]).astype(jnp.int8)  # [2, 2]
+    hit = first[:, :, None, :, None, :] == pos[None, None, :, None, :, None]
+    gx = jnp.where(hit, g[:, :, None, :, None, :], 0.0).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    if (h % 2) or (w % 2):
+        gx = jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return (gx,)
+
+
+idx_max_pool_2x2.defvjp(_idx_fwd, _idx_bwd)
+
+
+class _ConvPoolBias(nn.Module):
+    """VALID 3x3 conv (kernel, bias params as nn.Conv's), max-pooled, then the bias added."""
+
+    features: int
+    bias_fan_in: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", models.torch_kernel_init,
+                            (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", models.torch_bias_init(self.bias_fan_in), (self.features,))
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
+        return models.max_pool_2x2(y) + bias
+
+
+class PoolBiasCNN1(models.CNN1):
+    """CNN1 with its conv2 bias added after the pool; same parameters and outputs."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(self.dtype)
+        c_in = x.shape[-1]
+        x = nn.Conv(32, (3, 3), padding="VALID", kernel_init=models.torch_kernel_init,
+                    bias_init=models.torch_bias_init(9 * c_in), dtype=self.dtype)(x)
+        x = _ConvPoolBias(64, 9 * 32, name="Conv_1")(nn.relu(x))
+        x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(models.TorchDense(128, dtype=self.dtype)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return models.TorchDense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class ReluPoolCNN2(models.CNN2):
+    """CNN2 with relu(pool(conv)) in place of pool(relu(conv)); same parameters and outputs."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(self.dtype)
+        for i, features in enumerate((32, 32, 64, 64)):
+            x = nn.Conv(features, (3, 3), padding="VALID",
+                        kernel_init=models.kaiming_normal_fan_in,
+                        bias_init=nn.initializers.zeros, dtype=self.dtype)(x)
+            x = nn.relu(models.max_pool_2x2(x) if i % 2 == 1 else x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(models.TorchDense(200, dtype=self.dtype)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.relu(models.TorchDense(200, dtype=self.dtype)(x))
+        return models.TorchDense(self.num_classes, zero_init=True, dtype=self.dtype)(x).astype(
+            jnp.float32)
+
+
+def _unbroadcast_dot(aval, x, _orig=None):
+    """lax's `_unbroadcast` (the transpose of an implicit broadcast, e.g. a bias add): a
+    ones-vector dot instead of reduce_sum when it sums the leading axes of a large x."""
+    shape = getattr(aval, "shape", None)
+    if shape and x.size >= 65536 and len(shape) == x.ndim and tuple(shape) != x.shape:
+        lead = next((i for i in range(x.ndim) if shape[i] != 1), x.ndim)
+        if lead > 0 and tuple(shape[lead:]) == x.shape[lead:]:
+            rows = int(math.prod(x.shape[:lead]))
+            out = jnp.ones((1, rows), x.dtype) @ x.reshape(rows, -1)
+            return out.reshape(shape)
+    return _orig(aval, x)
+
+
+def _rolled_fori(lower, upper, body, init, *, unroll=None):
+    del unroll
+    return _ORIG_FORI(lower, upper, body, init)
+
+
+def _jit_no_donate(fun, **kw):
+    kw.pop("donate_argnums", None)
+    return _ORIG_JIT(fun, **kw)
+
+
+@contextlib.contextmanager
+def patched(variant: str):
+    parts = parse(variant)
+    saved = []
+
+    def patch(obj, name, value):
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    if "rolled" in parts:
+        patch(jax.lax, "fori_loop", _rolled_fori)
+    if "nnpool" in parts:
+        patch(models, "max_pool_2x2", functools.partial(nn.max_pool, window_shape=(2, 2),
+                                                        strides=(2, 2)))
+    if "poolvjp" in parts:
+        patch(models, "max_pool_2x2", vjp_max_pool_2x2)
+    if "poolidx" in parts:
+        patch(models, "max_pool_2x2", idx_max_pool_2x2)
+    if "poolbias" in parts:
+        patch(models, "CNN1", PoolBiasCNN1)
+    if "biasdot" in parts:
+        from jax._src.lax import lax as lax_internal
+
+        patch(lax_internal, "_unbroadcast", functools.partial(
+            _unbroadcast_dot, _orig=lax_internal._unbroadcast))
+    if "slicepool" in parts:
+        patch(models, "max_pool_2x2", slice_max_pool_2x2)
+    if "relupool" in parts:
+        patch(models, "CNN2", ReluPoolCNN2)
+    if parts & {"flipconv", "col2im"}:
+        patch(jax.lax, "conv_general_dilated",
+              functools.partial(custom_conv, tuple(parts & {"flipconv", "col2im"})))
+    if "nodonate" in parts:
+        patch(jax, "jit", _jit_no_donate)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)

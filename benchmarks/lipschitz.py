@@ -1,0 +1,184 @@
+"""Images/s of the "test lipschitz" estimate: `lipschitz_estimate(direction="descent")` against
+the official PyTorch procedure (`estimate_local_lip_v2`, OFFICIAL_CODE.md section 5).
+
+    python benchmarks/lipschitz.py                       # cnn1, cnn2; batch 128
+    python benchmarks/lipschitz.py --models=cnn2 --batch=512 --repeats=9
+    python benchmarks/lipschitz.py --torch_recompute_fx  # PyTorch as coded: f(x) every step
+    python benchmarks/lipschitz.py --jax_variants=base,poolvjp+col2im   # benchmarks/jax_levers.py
+
+Per batch: x' = x + 0.001 N(0, 1); 10 times x' <- clip(proj_eps(x' + 0.003 sign(grad(-R)))),
+R the batch mean of ||f(x) - f(x')||_1 / ||(x - x') + 1e-6||_inf on logits (eval mode); then
+r at the final x'. Both sides use the same weights (the Flax init, copied into the PyTorch
+net; CNN2's zero-initialised last layer is replaced by small random weights so the ratios are
+not all 0) and the same MNIST-shaped random data, eps 0.1; the mean estimate of each side is
+printed as a check (the noise differs, so they agree roughly, not exactly). f(x) is computed
+once on both sides unless --torch_recompute_fx (the official code recomputes it each step).
+
+Timing as benchmarks/at_step.py: compile apart, --warmup, then --repeats repetitions of
+--calls batches each, alternating PyTorch and JAX (each --jax_variants entry; "base" is the
+library's `lipschitz_estimate` itself); median images/s; a final markdown table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+
+import bench_util  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["cnn1", "cnn2"], "cnn1, cnn2")
+flags.DEFINE_integer("batch", 128, "batch size")
+flags.DEFINE_integer("repeats", 5, "timed repetitions per side (median reported)")
+flags.DEFINE_integer("calls", 4, "batches per timed repetition")
+flags.DEFINE_integer("warmup", 1, "untimed repetitions per side after compiling")
+flags.DEFINE_float("eps", 0.1, "ball radius (MNIST's)")
+flags.DEFINE_bool("torch_recompute_fx", False, "PyTorch evaluates f(x) in every step, as coded")
+flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
+flags.DEFINE_list("jax_variants", ["base"], "JAX variants (benchmarks/jax_levers.py)")
+flags.DEFINE_float("peak_tflops", None, "device peak TFLOP/s (float32) for the MFU column")
+
+SHAPE = (28, 28, 1)
+
+
+def torch_state_dict(arch, params):
+    """The Flax CNN params as the PyTorch net's state_dict (OIHW convs, NCHW-ordered fc1)."""
+    import numpy as np
+    import torch
+
+    convs = [k for k in params if k.startswith("Conv_")]
+    denses = [k for k in params if k.startswith("TorchDense_")]
+    conv_names = {"cnn1": ["conv1", "conv2"],
+                  "cnn2": ["features.0", "features.2", "features.5", "features.7"]}[arch]
+    dense_names = {"cnn1": ["fc1", "fc2"],
+                   "cnn2": ["classifier.0", "classifier.3", "classifier.5"]}[arch]
+    out = {}
+    for flax_name, name in zip(sorted(convs), conv_names):
+        out[name + ".weight"] = np.asarray(params[flax_name]["kernel"]).transpose(3, 2, 0, 1)
+        out[name + ".bias"] = np.asarray(params[flax_name]["bias"])
+    for i, (flax_name, name) in enumerate(zip(sorted(denses), dense_names)):
+        kernel = np.asarray(params[flax_name]["Dense_0"]["kernel"])
+        if i == 0:  # rows in NHWC flatten order -> NCHW
+            c = 64
+            hw = int(round((kernel.shape[0] / c) ** 0.5))
+            kernel = kernel.reshape(hw, hw, c, -1).transpose(2, 0, 1, 3).reshape(
+                kernel.shape[0], -1)
+        out[name + ".weight"] = kernel.T
+        out[name + ".bias"] = np.asarray(params[flax_name]["Dense_0"]["bias"])
+    return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
+
+
+def measure(arch):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    import jax_levers
+    import torch_models
+    from jax_robust import models
+    from jax_robust.lipschitz import lipschitz_estimate, lipschitz_ratios
+
+    module = models.build_model(arch, 10, SHAPE)
+    params, _ = models.init_model(module, jax.random.key(0), SHAPE)
+    params = jax.tree_util.tree_map(  # CNN2's zero last layer (and zero biases) -> random
+        lambda p: p if jnp.any(p) else 0.05 * jax.random.normal(jax.random.key(2), p.shape),
+        params)
+    variables = {"params": params}
+
+    rng = np.random.default_rng(0)
+    x = rng.random((FLAGS.batch, *SHAPE), dtype=np.float32)
+    x_jax = jnp.asarray(x)
+    key = jax.random.key(1)
+    compiled, flops = {}, {}
+    for variant in FLAGS.jax_variants:
+        with jax_levers.patched(variant):  # a fresh module, closure and jit: a fresh trace
+            mod = models.build_model(arch, 10, SHAPE)
+
+            def apply_fn(v, z, mod=mod):
+                return mod.apply(v, z, train=False)
+
+            estimate = lipschitz_estimate if variant == "base" else jax.jit(
+                lambda *a, **k: lipschitz_ratios(*a, **k), static_argnames=("apply_fn", "direction"))
+            start = time.perf_counter()
+            compiled[variant] = estimate.lower(
+                apply_fn=apply_fn, params=variables, x=x_jax, eps=FLAGS.eps, key=key,
+                direction="descent").compile()
+            compile_s = time.perf_counter() - start
+        flops[variant] = bench_util.flops_of(compiled[variant])
+        print(f"{arch:<6} jax {variant:<18} compile {compile_s:6.1f} s, "
+              f"{flops[variant] / 1e9:.2f} GFLOP/batch")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = torch_models.build(arch)
+    net.load_state_dict(torch_state_dict(arch, params))
+    net = net.to(device)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    means = {name: [] for name in ["pytorch"] + [f"jax {v}" for v in FLAGS.jax_variants]}
+
+    def jax_runner(fn, name):
+        def run():
+            def go():
+                outs = [fn(params=variables, x=x_jax, eps=FLAGS.eps,
+                           key=jax.random.fold_in(key, i)) for i in range(FLAGS.calls)]
+                jax.block_until_ready(outs)
+                means[name].append(float(jnp.mean(outs[-1])))
+            return bench_util.timed(go)
+        return run
+
+    def run_torch():
+        def go():
+            for _ in range(FLAGS.calls):
+                total = torch_models.lipschitz(net, xt, FLAGS.eps,
+                                               recompute_fx=FLAGS.torch_recompute_fx)
+            means["pytorch"].append(total.item() / FLAGS.batch)
+            sync()
+        return bench_util.timed(go)
+
+    runners = {"pytorch": run_torch}
+    runners.update({f"jax {v}": jax_runner(compiled[v], f"jax {v}") for v in FLAGS.jax_variants})
+    for _ in range(FLAGS.warmup):
+        for run in runners.values():
+            run()
+    rates = bench_util.alternate(arch, runners, FLAGS.repeats, FLAGS.batch * FLAGS.calls)
+    print(f"{arch:<6} mean estimate: " + ", ".join(
+        f"{name} {np.mean(m):.4f}" for name, m in means.items()))
+    rows = []
+    for v in FLAGS.jax_variants:
+        tflops = flops[v] * rates[f"jax {v}"] / FLAGS.batch / 1e12
+        mfu = f", MFU {100 * tflops / FLAGS.peak_tflops:.1f}%" if FLAGS.peak_tflops else ""
+        print(f"{arch:<6} jax {v:<18} {tflops * 1e3:.1f} GFLOP/s{mfu}")
+        rows.append((arch, f"lipschitz_estimate {v}", rates[f"jax {v}"], rates["pytorch"]))
+    sys.stdout.flush()
+    return rows
+
+
+def main(argv):
+    del argv
+    if FLAGS.speed_flags:
+        from jax_robust.speed_flags import append_speed_flags
+
+        append_speed_flags()
+    import jax
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.backends.cudnn.benchmark = True  # GPU: fixed shapes, let cuDNN pick its algorithms
+    print(bench_util.header(jax, torch))
+    print(f"lipschitz (descent, 10 steps of 0.003, eps {FLAGS.eps}), batch {FLAGS.batch}, "
+          f"{FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; PyTorch "
+          f"{'recomputes' if FLAGS.torch_recompute_fx else 'computes once'} f(x)")
+    sys.stdout.flush()
+    rows = [row for arch in FLAGS.models for row in measure(arch)]
+    print(f"load average after: {bench_util.load_average()}")
+    print(bench_util.summary(rows))
+
+
+if __name__ == "__main__":
+    app.run(main)
