@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -42,6 +41,7 @@ from jax_robust.speed_flags import one_host_device_per_core  # noqa: E402  (no j
 
 one_host_device_per_core()
 
+import bench_util  # noqa: E402
 import cli  # noqa: E402,F401  (sets XLA flags before jax is imported)
 from absl import flags  # noqa: E402
 
@@ -59,24 +59,6 @@ flags.DEFINE_integer("query_block", None, "Tiling.query_block (default: the libr
 flags.DEFINE_integer("ref_block", None, "Tiling.ref_block")
 flags.DEFINE_integer("dim_chunk", None, "Tiling.dim_chunk")
 flags.DEFINE_integer("blocks_per_call", None, "Tiling.blocks_per_call")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def sklearn_other_label(x_query, y_query, x_ref, y_ref):
@@ -142,11 +124,12 @@ def main(argv):
     tiling = separation.Tiling(FLAGS.query_block, FLAGS.ref_block, FLAGS.dim_chunk,
                                FLAGS.blocks_per_call)  # None: the library's default per dtype
 
-    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; CPU {cpu_model()}, "
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; "
+          f"CPU {bench_util.cpu_model()}, "
           f"{os.cpu_count()} cores; jax {jax.__version__}, devices {jax.devices()}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{FLAGS.dataset} train-train: n = {n} queries x {n} references x D = {dims}: "
-          f"{nominal:.3g} pair-dims; load average {load_average()}")
+          f"{nominal:.3g} pair-dims; load average {bench_util.load_average()}")
     print(f"tiling {tiling}; defaults {separation.DEFAULT_TILING}")
     sys.stdout.flush()
 
@@ -168,7 +151,7 @@ def main(argv):
         note = (f" (timed on {n_timed} queries, extrapolated x{n / n_timed:.1f})"
                 if n_timed < n else "")
         print(f"{name:<13} {full_seconds:9.2f} s  {nominal / full_seconds:9.3g} pair-dims/s  "
-              f"(CPU {full_cpu:8.1f} s, load {load_average().split()[0]})"
+              f"(CPU {full_cpu:8.1f} s, load {bench_util.load_average().split()[0]})"
               f"{note}{'' if agree is None else '  same distances: ' + str(agree)}")
         sys.stdout.flush()
 
@@ -195,7 +178,7 @@ def main(argv):
             d = numpy_other_label(x_u8[:base_q], y[:base_q], x_u8, y)
             record(method, time.perf_counter() - t, time.process_time() - c, base_q, d)
 
-    print(f"load average after: {load_average()}")
+    print(f"load average after: {bench_util.load_average()}")
     for base in ("sklearn", "numpy"):
         if base not in results:
             continue
