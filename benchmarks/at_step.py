@@ -60,6 +60,8 @@ flags.DEFINE_enum("variant", "paper", ["paper", "official"],
 flags.DEFINE_float("lr", 0.01, "SGD learning rate")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants to time (benchmarks/jax_levers.py)")
 flags.DEFINE_bool("torch", True, "time the PyTorch baseline")
+flags.DEFINE_list("torch_layouts", ["nchw"], "PyTorch memory formats to time: nchw (the official "
+                  "code's, the baseline of the ratio) and/or channels_last")
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_string("xla_flags", "", "extra XLA flags, appended to XLA_FLAGS")
 flags.DEFINE_float("peak_tflops", None, "device peak TFLOP/s (float32) for the MFU column")
@@ -137,15 +139,18 @@ def jax_runner(arch, variant, x, y, steps):
     return run, compile_s, bench_util.flops_of(compiled)
 
 
-def torch_runner(arch, x, y, steps, device):
+def torch_runner(arch, x, y, steps, device, layout):
     import torch
 
     import torch_models
 
     torch.manual_seed(0)
-    model = torch_models.build(arch, FLAGS.wrn_depth, FLAGS.wrn_width).to(device)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = torch_models.build(arch, FLAGS.wrn_depth, FLAGS.wrn_width).to(device,
+                                                                          memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=FLAGS.lr, momentum=0.9)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device).contiguous(
+        memory_format=fmt)
     yt = torch.from_numpy(y.astype("int64")).to(device)
     eps = EPS[arch]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -173,8 +178,9 @@ def measure(arch):
     if FLAGS.torch:
         import torch
 
-        runners["pytorch"] = torch_runner(arch, x, y, FLAGS.steps,
-                                          "cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for layout in FLAGS.torch_layouts:
+            runners[f"pytorch {layout}"] = torch_runner(arch, x, y, FLAGS.steps, device, layout)
     variants = [v for v in FLAGS.jax_variants
                 if all(MODEL_ONLY.get(lever, arch) == arch for lever in v.split("+"))]
     for variant in variants:
@@ -186,7 +192,12 @@ def measure(arch):
         for run in runners.values():
             run()
     rates = bench_util.alternate(arch, runners, FLAGS.repeats, images)
-    torch_rate = rates.pop("pytorch", 0.0)
+    torch_rates = [rates.pop(f"pytorch {layout}") for layout in FLAGS.torch_layouts
+                   if FLAGS.torch]
+    torch_rate = torch_rates[0] if torch_rates else 0.0
+    for layout, rate in zip(FLAGS.torch_layouts[1:], torch_rates[1:]):
+        print(f"{arch:<6} pytorch {layout}: {rate:.1f} img/s, {rate / torch_rate:.2f}x the "
+              f"{FLAGS.torch_layouts[0]} baseline")
     rows = []
     for variant in variants:
         rate = rates["jax " + variant]

@@ -8,8 +8,8 @@ A variant is '+'-joined lever names ("base" = the library as it is):
               (physically transposed, canonical dimension numbers); the kernel gradient is JAX's
   col2im      the same custom VJP for convolutions with at most 4 input channels (the first
               layer), the input gradient as one matmul (cotangent x kernel^T, [N,H,W,kh*kw*C])
-              and a sum of kh*kw shifted slices: XLA:CPU's convolution is slow at 1 output
-              channel
+              and a sum of kh*kw shifted slices: XLA:CPU's backward-input convolution is
+              slow when it has 1-3 output (= input) channels
   poolvjp     `max_pool_2x2` with a custom VJP: forward the max of the four strided slices,
               backward one fused pass, g / (number of maxima) to every maximum of its window
               (the same gradient as JAX's reshape-and-max: ties share evenly)
@@ -42,9 +42,8 @@ import jax.numpy as jnp
 
 from jax_robust import models
 
-LEVERS = ("rolled", "nnpool", "flipconv", "col2im", "poolvjp", "poolidx", "poolbias", "biasdot", "slicepool",
-          "relupool", "nodonate", "rbg",
-          "unsafe_rbg", "threefry")
+LEVERS = ("rolled", "nnpool", "flipconv", "col2im", "poolvjp", "poolidx", "poolbias", "biasdot",
+          "slicepool", "relupool", "nodonate", "rbg", "unsafe_rbg", "threefry")
 _ORIG_CONV = jax.lax.conv_general_dilated
 _ORIG_FORI = jax.lax.fori_loop
 _ORIG_JIT = jax.jit
@@ -67,7 +66,7 @@ def prng_impl(variant: str) -> str | None:
 def _col2im_input_grad(g, w, padding, x_shape):
     """Input gradient of a stride-1 NHWC/HWIO conv: g @ w^T, then overlap-add the kh*kw taps."""
     kh, kw, c_in, c_out = w.shape
-    n, h, wd, _ = x_shape
+    _, h, wd, _ = x_shape
     cols = jnp.einsum("nhwo,kio->nhwki", g, w.reshape(kh * kw, c_in, c_out))
     ho, wo = g.shape[1:3]
     (pt, _), (pl, _) = padding

@@ -38,6 +38,8 @@ flags.DEFINE_integer("repeats", 5, "timed repetitions per side (median reported)
 flags.DEFINE_integer("calls", 4, "batches per timed repetition")
 flags.DEFINE_integer("warmup", 1, "untimed repetitions per side after compiling")
 flags.DEFINE_float("eps", 0.1, "ball radius (MNIST's)")
+flags.DEFINE_list("torch_layouts", ["nchw"], "PyTorch memory formats: nchw (the baseline of "
+                  "the ratio) and/or channels_last")
 flags.DEFINE_bool("torch_recompute_fx", False, "PyTorch evaluates f(x) in every step, as coded")
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants (benchmarks/jax_levers.py)")
@@ -104,7 +106,8 @@ def measure(arch):
                 return mod.apply(v, z, train=False)
 
             estimate = lipschitz_estimate if variant == "base" else jax.jit(
-                lambda *a, **k: lipschitz_ratios(*a, **k), static_argnames=("apply_fn", "direction"))
+                lambda *a, **k: lipschitz_ratios(*a, **k),
+                static_argnames=("apply_fn", "direction"))
             start = time.perf_counter()
             compiled[variant] = estimate.lower(
                 apply_fn=apply_fn, params=variables, x=x_jax, eps=FLAGS.eps, key=key,
@@ -115,12 +118,27 @@ def measure(arch):
               f"{flops[variant] / 1e9:.2f} GFLOP/batch")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = torch_models.build(arch)
-    net.load_state_dict(torch_state_dict(arch, params))
-    net = net.to(device)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    means = {name: [] for name in ["pytorch"] + [f"jax {v}" for v in FLAGS.jax_variants]}
+    torch_names = [f"pytorch {layout}" for layout in FLAGS.torch_layouts]
+    means = {name: [] for name in torch_names + [f"jax {v}" for v in FLAGS.jax_variants]}
+
+    def torch_runner(layout, name):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        net = torch_models.build(arch)
+        net.load_state_dict(torch_state_dict(arch, params))
+        net = net.to(device, memory_format=fmt)
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device).contiguous(
+            memory_format=fmt)
+
+        def run():
+            def go():
+                for _ in range(FLAGS.calls):
+                    total = torch_models.lipschitz(net, xt, FLAGS.eps,
+                                                   recompute_fx=FLAGS.torch_recompute_fx)
+                means[name].append(total.item() / FLAGS.batch)
+                sync()
+            return bench_util.timed(go)
+        return run
 
     def jax_runner(fn, name):
         def run():
@@ -132,16 +150,8 @@ def measure(arch):
             return bench_util.timed(go)
         return run
 
-    def run_torch():
-        def go():
-            for _ in range(FLAGS.calls):
-                total = torch_models.lipschitz(net, xt, FLAGS.eps,
-                                               recompute_fx=FLAGS.torch_recompute_fx)
-            means["pytorch"].append(total.item() / FLAGS.batch)
-            sync()
-        return bench_util.timed(go)
-
-    runners = {"pytorch": run_torch}
+    runners = {name: torch_runner(layout, name)
+               for layout, name in zip(FLAGS.torch_layouts, torch_names)}
     runners.update({f"jax {v}": jax_runner(compiled[v], f"jax {v}") for v in FLAGS.jax_variants})
     for _ in range(FLAGS.warmup):
         for run in runners.values():
@@ -149,12 +159,16 @@ def measure(arch):
     rates = bench_util.alternate(arch, runners, FLAGS.repeats, FLAGS.batch * FLAGS.calls)
     print(f"{arch:<6} mean estimate: " + ", ".join(
         f"{name} {np.mean(m):.4f}" for name, m in means.items()))
+    base = rates[torch_names[0]]
+    for layout, name in zip(FLAGS.torch_layouts[1:], torch_names[1:]):
+        print(f"{arch:<6} pytorch {layout}: {rates[name]:.1f} img/s, {rates[name] / base:.2f}x "
+              f"the {FLAGS.torch_layouts[0]} baseline")
     rows = []
     for v in FLAGS.jax_variants:
         tflops = flops[v] * rates[f"jax {v}"] / FLAGS.batch / 1e12
         mfu = f", MFU {100 * tflops / FLAGS.peak_tflops:.1f}%" if FLAGS.peak_tflops else ""
         print(f"{arch:<6} jax {v:<18} {tflops * 1e3:.1f} GFLOP/s{mfu}")
-        rows.append((arch, f"lipschitz_estimate {v}", rates[f"jax {v}"], rates["pytorch"]))
+        rows.append((arch, f"lipschitz_estimate {v}", rates[f"jax {v}"], base))
     sys.stdout.flush()
     return rows
 
