@@ -1,28 +1,26 @@
 """In-process speed levers of the JAX step, applied by patching while a step is built and traced.
 
-A variant is '+'-joined lever names ("base" = the library as it is):
+A variant is '+'-joined lever names ("base" = the library as it is). The library already has
+three levers of its own (jax_robust/layers.py, models.py); these variants take them back out:
+  xlapool     `max_pool_2x2` as a plain reshape-and-max left to autodiff (the library's has a
+              custom VJP: one fused select)
+  xlaconv     the first conv's input gradient left to XLA (the library's `small_input_conv`
+              computes it as one matmul plus an overlap-add of the kh*kw taps)
+  biasfirst   CNN1 adds its conv2 bias before the pool, as the official net is written (the
+              library adds it after: pool(z) + b = pool(z + b) exactly, and the bias gradient
+              then sums the 4x smaller pooled map)
+and these try others:
   rolled      PGD loop as a rolled `lax.fori_loop` (the library unrolls it)
-  nnpool      `nn.max_pool` instead of the library's reshape-and-max `max_pool_2x2`
+  nnpool      `nn.max_pool` instead of the library's `max_pool_2x2`
   flipconv    stride-1 NHWC/HWIO convolutions with a custom VJP: the input gradient is a plain
               forward convolution of the padded cotangent with the flipped, in/out-swapped kernel
               (physically transposed, canonical dimension numbers); the kernel gradient is JAX's
-  col2im      the same custom VJP for convolutions with at most 4 input channels (the first
-              layer), the input gradient as one matmul (cotangent x kernel^T, [N,H,W,kh*kw*C])
-              and a sum of kh*kw shifted slices: XLA:CPU's backward-input convolution is
-              slow when it has 1-3 output (= input) channels
-  poolvjp     `max_pool_2x2` with a custom VJP: forward the max of the four strided slices,
-              backward one fused pass, g / (number of maxima) to every maximum of its window
-              (the same gradient as JAX's reshape-and-max: ties share evenly)
-  poolidx     as poolvjp, but PyTorch's gradient: all of g to the FIRST maximum of each window
-              (row-major), from a saved int8 window index: the backward reads g and the
-              index only, not the input again
-  poolbias    CNN1 adds its conv2 bias after the pool: pool(z) + b = pool(z + b) exactly
-              (adding a per-channel constant commutes with max, rounding included), and the
-              bias gradient sums the pooled map's gradient, 4x smaller
+  poolidx     `max_pool_2x2` with PyTorch's gradient: all of g to the FIRST maximum of each window
+              (row-major), from a saved int8 window index: the backward reads g and the index
+              only, not the input again
   biasdot     the transpose of an implicit broadcast over leading axes (a bias add's bias
               gradient: a column sum over N*H*W) as ones[1, N*H*W] @ g[N*H*W, C], a dot,
               instead of XLA's reduce (~10x slower on CPU for [128, 24, 24, 64]); big ones only
-  slicepool   the max of the four strided slices, JAX's own gradient (ties shared pairwise)
   relupool    CNN2 pools before its ReLU: relu(pool(conv)) = pool(relu(conv)) exactly, values
               and gradients (max and ReLU commute); the ReLU then runs on the pooled map
   nodonate    the step jitted without donating the state
@@ -42,8 +40,8 @@ import jax.numpy as jnp
 
 from jax_robust import models
 
-LEVERS = ("rolled", "nnpool", "flipconv", "col2im", "poolvjp", "poolidx", "poolbias", "biasdot",
-          "slicepool", "relupool", "nodonate", "rbg", "unsafe_rbg", "threefry")
+LEVERS = ("xlapool", "xlaconv", "biasfirst", "rolled", "nnpool", "flipconv", "poolidx", "biasdot",
+          "relupool", "nodonate", "rbg", "unsafe_rbg", "threefry")
 _ORIG_CONV = jax.lax.conv_general_dilated
 _ORIG_FORI = jax.lax.fori_loop
 _ORIG_JIT = jax.jit
@@ -63,24 +61,8 @@ def prng_impl(variant: str) -> str | None:
     return impls.pop() if impls else None
 
 
-def _col2im_input_grad(g, w, padding, x_shape):
-    """Input gradient of a stride-1 NHWC/HWIO conv: g @ w^T, then overlap-add the kh*kw taps."""
-    kh, kw, c_in, c_out = w.shape
-    _, h, wd, _ = x_shape
-    cols = jnp.einsum("nhwo,kio->nhwki", g, w.reshape(kh * kw, c_in, c_out))
-    ho, wo = g.shape[1:3]
-    (pt, _), (pl, _) = padding
-    out = 0.0
-    for k in range(kh * kw):
-        i, j = divmod(k, kw)  # output pixel (a, b) read input pixel (a + i - pt, b + j - pl)
-        top, left = i - pt, j - pl
-        out = out + jax.lax.pad(cols[:, :, :, k], jnp.array(0, g.dtype), (
-            (0, 0, 0), (top, h - top - ho, 0), (left, wd - left - wo, 0), (0, 0, 0)))
-    return out
-
-
-def _custom_conv_fn(padding, dx_mode):
-    """Stride-1 NHWC/HWIO conv with explicit `padding` and a hand-written input VJP."""
+def _flip_conv_fn(padding):
+    """Stride-1 NHWC/HWIO conv with explicit `padding`; input VJP: the flipped-kernel conv."""
 
     def conv(x, w):
         return _ORIG_CONV(x, w, (1, 1), padding, dimension_numbers=_NHWC)
@@ -95,13 +77,10 @@ def _custom_conv_fn(padding, dx_mode):
     def bwd(res, g):
         x, w = res
         kh, kw = w.shape[:2]
-        if dx_mode == "col2im":
-            gx = _col2im_input_grad(g, w, padding, x.shape)
-        else:
-            w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # [kh, kw, out, in]: an HWIO kernel
-            pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                    (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-            gx = _ORIG_CONV(g, w_t, (1, 1), pads, dimension_numbers=_NHWC)
+        w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # [kh, kw, out, in]: an HWIO kernel
+        pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+        gx = _ORIG_CONV(g, w_t, (1, 1), pads, dimension_numbers=_NHWC)
         gw = jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0]
         return gx, gw
 
@@ -109,27 +88,22 @@ def _custom_conv_fn(padding, dx_mode):
     return f
 
 
-def custom_conv(modes, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
-    """lax.conv_general_dilated; plain stride-1 NHWC/HWIO convs get the custom input VJP."""
+def flipconv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
+    """lax.conv_general_dilated; plain stride-1 NHWC/HWIO convs get the flipped-kernel VJP."""
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     plain = (lhs.ndim == 4 and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
              and tuple(window_strides) == (1, 1) and feature_group_count == 1
              and batch_group_count == 1 and not kw.get("preferred_element_type")
              and all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ())))
-    mode = ("col2im" if "col2im" in modes and rhs.shape[2] <= 4 else
-            "flip" if "flipconv" in modes else None)
-    if plain and mode:
+    if plain:
         pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
                 if isinstance(padding, str) else padding)
         pads = tuple(tuple(p) for p in pads)
         if all(0 <= p <= k - 1 for (lo, hi), k in zip(pads, rhs.shape[:2]) for p in (lo, hi)):
-            return _custom_conv_fn(pads, mode)(lhs, rhs)
+            return _flip_conv_fn(pads)(lhs, rhs)
     return _ORIG_CONV(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                       dimension_numbers, feature_group_count, batch_group_count, **kw)
-
-
-flipconv = functools.partial(custom_conv, ("flipconv",))
 
 
 def _window_slices(x):
@@ -139,39 +113,15 @@ def _window_slices(x):
     return [x6[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
 
 
-def slice_max_pool_2x2(x):
-    a, b, c, d = _window_slices(x)
-    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-
-
-@jax.custom_vjp
-def vjp_max_pool_2x2(x):
-    return slice_max_pool_2x2(x)
-
-
-def _pool_fwd(x):
-    m = slice_max_pool_2x2(x)
-    return m, (x, m)
-
-
-def _pool_bwd(res, g):
-    x, m = res
+def autodiff_max_pool_2x2(x):
+    """Reshape-and-max, its gradient left to autodiff (the library before its custom VJP)."""
     n, h, w, c = x.shape
-    count = sum((p == m).astype(g.dtype) for p in _window_slices(x))
-    x6 = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    gx = jnp.where(x6 == m[:, :, None, :, None], (g / count)[:, :, None, :, None], 0.0)
-    gx = gx.reshape(n, h // 2 * 2, w // 2 * 2, c)
-    if (h % 2) or (w % 2):
-        gx = jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    return (gx,)
-
-
-vjp_max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 @jax.custom_vjp
 def idx_max_pool_2x2(x):
-    return slice_max_pool_2x2(x)
+    return autodiff_max_pool_2x2(x)
 
 
 def _idx_fwd(x):
@@ -194,31 +144,19 @@ def _idx_bwd(res, g):
 idx_max_pool_2x2.defvjp(_idx_fwd, _idx_bwd)
 
 
-class _ConvPoolBias(nn.Module):
-    """VALID 3x3 conv (kernel, bias params as nn.Conv's), max-pooled, then the bias added."""
-
-    features: int
-    bias_fan_in: int
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", models.torch_kernel_init,
-                            (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", models.torch_bias_init(self.bias_fan_in), (self.features,))
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
-        return models.max_pool_2x2(y) + bias
-
-
-class PoolBiasCNN1(models.CNN1):
-    """CNN1 with its conv2 bias added after the pool; same parameters and outputs."""
+class BiasFirstCNN1(models.CNN1):
+    """CNN1 as the official net is written: conv2's bias added before the pool."""
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         c_in = x.shape[-1]
         x = nn.Conv(32, (3, 3), padding="VALID", kernel_init=models.torch_kernel_init,
-                    bias_init=models.torch_bias_init(9 * c_in), dtype=self.dtype)(x)
-        x = _ConvPoolBias(64, 9 * 32, name="Conv_1")(nn.relu(x))
+                    bias_init=models.torch_bias_init(9 * c_in), dtype=self.dtype,
+                    conv_general_dilated=models.small_input_conv)(x)
+        x = nn.Conv(64, (3, 3), padding="VALID", kernel_init=models.torch_kernel_init,
+                    bias_init=models.torch_bias_init(9 * 32), dtype=self.dtype)(nn.relu(x))
+        x = models.max_pool_2x2(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(models.TorchDense(128, dtype=self.dtype)(x))
@@ -235,7 +173,8 @@ class ReluPoolCNN2(models.CNN2):
         for i, features in enumerate((32, 32, 64, 64)):
             x = nn.Conv(features, (3, 3), padding="VALID",
                         kernel_init=models.kaiming_normal_fan_in,
-                        bias_init=nn.initializers.zeros, dtype=self.dtype)(x)
+                        bias_init=nn.initializers.zeros, dtype=self.dtype,
+                        conv_general_dilated=models.small_input_conv if i == 0 else None)(x)
             x = nn.relu(models.max_pool_2x2(x) if i % 2 == 1 else x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(models.TorchDense(200, dtype=self.dtype)(x))
@@ -279,27 +218,26 @@ def patched(variant: str):
 
     if "rolled" in parts:
         patch(jax.lax, "fori_loop", _rolled_fori)
+    if "xlapool" in parts:
+        patch(models, "max_pool_2x2", autodiff_max_pool_2x2)
     if "nnpool" in parts:
         patch(models, "max_pool_2x2", functools.partial(nn.max_pool, window_shape=(2, 2),
                                                         strides=(2, 2)))
-    if "poolvjp" in parts:
-        patch(models, "max_pool_2x2", vjp_max_pool_2x2)
     if "poolidx" in parts:
         patch(models, "max_pool_2x2", idx_max_pool_2x2)
-    if "poolbias" in parts:
-        patch(models, "CNN1", PoolBiasCNN1)
+    if "xlaconv" in parts:
+        patch(models, "small_input_conv", None)  # nn.Conv's default: lax.conv_general_dilated
+    if "biasfirst" in parts:
+        patch(models, "CNN1", BiasFirstCNN1)
     if "biasdot" in parts:
         from jax._src.lax import lax as lax_internal
 
         patch(lax_internal, "_unbroadcast", functools.partial(
             _unbroadcast_dot, _orig=lax_internal._unbroadcast))
-    if "slicepool" in parts:
-        patch(models, "max_pool_2x2", slice_max_pool_2x2)
     if "relupool" in parts:
         patch(models, "CNN2", ReluPoolCNN2)
-    if parts & {"flipconv", "col2im"}:
-        patch(jax.lax, "conv_general_dilated",
-              functools.partial(custom_conv, tuple(parts & {"flipconv", "col2im"})))
+    if "flipconv" in parts:
+        patch(jax.lax, "conv_general_dilated", flipconv)
     if "nodonate" in parts:
         patch(jax, "jit", _jit_no_donate)
     try:

@@ -60,12 +60,6 @@ def test_cnn1_torch_default_init_bounds():
         assert a.max() <= bound and a.min() >= -bound and a.max() > 0.9 * bound
 
 
-def test_reshape_max_pool_equals_flax_max_pool():
-    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-    expected = nn.max_pool(x, (2, 2), strides=(2, 2))  # VALID: floor, as PyTorch
-    np.testing.assert_array_equal(models.max_pool_2x2(x), expected)
-
-
 def test_cnn1_conv_dropout_drops_whole_channels():
     module = models.CNN1(dropout=0.5)
     params, state = models.init_model(module, jax.random.key(0), (28, 28, 1))

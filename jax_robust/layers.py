@@ -1,0 +1,125 @@
+"""Layer primitives with hand-written gradients that XLA:CPU runs slowly when left to autodiff.
+
+Each one computes exactly the function of its plain JAX form; only the backward pass is
+rewritten (measured in BUILD_NOTES.md, "Speed levers"):
+  max_pool_2x2     2x2/2 max-pool; its backward is one fused select (autodiff of a
+                   reshape-and-max emits several passes). Ties share the gradient evenly,
+                   as JAX's own reduce-max gradient does.
+  small_input_conv `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: a
+                   stride-1 conv with at most 4 input channels (a network's first layer) gets
+                   its input gradient as one matmul plus an overlap-add of the kh*kw taps;
+                   XLA:CPU's backward-input convolution is ~3x slower with 1-3 output channels.
+                   On other backends, and for any other conv, it is `conv_general_dilated`.
+Layout: NHWC activations, HWIO kernels (Flax's).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    """[n, h, w, c] -> [n, h//2, 2, w//2, 2, c]: the 2x2 windows (odd edges dropped)."""
+    n, h, w, c = x.shape
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2/2 max-pool of x [n, h, w, c] -> [n, h//2, w//2, c] (PyTorch's floor mode)."""
+    return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    m = max_pool_2x2(x)
+    return m, (x, m)
+
+
+def _max_pool_bwd(res, g):
+    x, m = res
+    n, h, w, c = x.shape
+    hit = _windows(x) == m[:, :, None, :, None]
+    share = g / hit.sum(axis=(2, 4), dtype=g.dtype)  # ties split evenly (JAX's max gradient)
+    gx = jnp.where(hit, share[:, :, None, :, None], jnp.zeros((), g.dtype))
+    gx = gx.reshape(n, h // 2 * 2, w // 2 * 2, c)
+    if h % 2 or w % 2:
+        gx = jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return (gx,)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _conv(x, w, pads):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=NHWC)
+
+
+def _overlap_add_input_grad(g, w, pads, x_shape):
+    """x-gradient of a stride-1 NHWC/HWIO conv: g @ w^T per tap, each tap shifted and summed.
+
+    g [n, ho, wo, o], w [kh, kw, i, o] -> [n, h, w, i] (x_shape). Output pixel (a, b) read input
+    pixel (a + di - top_pad, b + dj - left_pad) through tap (di, dj).
+    """
+    kh, kw, c_in, c_out = w.shape
+    _, h, wd, _ = x_shape
+    ho, wo = g.shape[1:3]
+    taps = jnp.einsum("nhwo,tio->nhwti", g, w.reshape(kh * kw, c_in, c_out))
+    zero = jnp.zeros((), g.dtype)
+    out = None
+    for t in range(kh * kw):
+        di, dj = divmod(t, kw)
+        top, left = di - pads[0][0], dj - pads[1][0]
+        shifted = jax.lax.pad(taps[:, :, :, t], zero, (
+            (0, 0, 0), (top, h - top - ho, 0), (left, wd - left - wo, 0), (0, 0, 0)))
+        out = shifted if out is None else out + shifted
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _overlap_add_conv(x, w, pads):
+    return _conv(x, w, pads)
+
+
+def _overlap_add_conv_fwd(x, w, pads):
+    return _conv(x, w, pads), (x, w)
+
+
+def _overlap_add_conv_bwd(pads, res, g):
+    x, w = res
+    gw = jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]  # XLA's kernel gradient
+    return _overlap_add_input_grad(g, w, pads, x.shape), gw
+
+
+_overlap_add_conv.defvjp(_overlap_add_conv_fwd, _overlap_add_conv_bwd)
+
+
+def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                     precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated`, with the overlap-add input gradient where it is faster.
+
+    Taken when: the CPU backend, NHWC/HWIO, stride 1, no dilation or groups, at most 4 input
+    channels, every pad within [0, kernel size). Same values; the input gradient differs from
+    XLA's by float rounding only.
+    """
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    fits = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.shape[2] <= 4
+            and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+            and tuple(window_strides) == (1, 1) and feature_group_count == 1
+            and batch_group_count == 1 and precision is None
+            and preferred_element_type is None
+            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
+    if fits:
+        pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+                if isinstance(padding, str) else tuple(tuple(p) for p in padding))
+        if all(0 <= p < k for pair, k in zip(pads, rhs.shape[:2]) for p in pair):
+            return _overlap_add_conv(lhs, rhs, tuple(tuple(p) for p in pads))
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
