@@ -81,8 +81,10 @@ def plot_lipschitz_vs_robustness(results: list[dict], path: str, title: str = ""
             weight = r.get("objective", {}).get({"rst": "lam", "trades": "beta"}.get(
                 r["method"], ""))
             if weight is not None:
+                left = r["variant"] != "official"  # paper labels left: near twins stay legible
                 ax.annotate(f"{weight:g}", (r[key], r["adv_test_acc"]), fontsize=7,
-                            xytext=(4, -3), textcoords="offset points")
+                            xytext=(-5 if left else 5, -3), textcoords="offset points",
+                            ha="right" if left else "left")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
