@@ -2,8 +2,8 @@
 
 A variant is '+'-joined lever names ("base" = the library as it is). The library already has
 three levers of its own (jax_robust/layers.py, models.py); these variants take them back out:
-  xlapool     `max_pool_2x2` as a plain reshape-and-max left to autodiff (the library's has a
-              custom VJP: one fused select)
+  xlapool     `max_pool_2x2` as a plain reshape-and-max left to autodiff (the library's takes
+              the max of the four window corners and has a custom VJP)
   xlaconv     the first conv's input gradient left to XLA (the library's `small_input_conv`
               computes it as one matmul plus an overlap-add of the kh*kw taps)
   biasfirst   CNN1 adds its conv2 bias before the pool, as the official net is written (the

@@ -1,10 +1,11 @@
 """Layer primitives with hand-written gradients that XLA:CPU runs slowly when left to autodiff.
 
-Each one computes exactly the function of its plain JAX form; only the backward pass is
-rewritten (measured in BUILD_NOTES.md, "Speed levers"):
-  max_pool_2x2     2x2/2 max-pool; its backward is one fused select (autodiff of a
-                   reshape-and-max emits several passes). Ties share the gradient evenly,
-                   as JAX's own reduce-max gradient does.
+Each one computes exactly the values of its plain JAX form; the work is rearranged, mostly in
+the backward pass (measured in BUILD_NOTES.md, "Speed against PyTorch eager"):
+  max_pool_2x2     2x2/2 max-pool as the max of the four window corners; its backward is a
+                   tie count and one select (+6% on CNN2's AT step over autodiff of a
+                   reshape-and-max). Ties share the gradient evenly, as JAX's own
+                   reduce-max gradient does.
   small_input_conv `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: a
                    stride-1 conv with at most 4 input channels (a network's first layer) gets
                    its input gradient as one matmul plus an overlap-add of the kh*kw taps;
@@ -76,8 +77,7 @@ def _overlap_add_input_grad(g, w, pads, x_shape):
     kh, kw, c_in, c_out = w.shape
     _, h, wd, _ = x_shape
     ho, wo = g.shape[1:3]
-    # One [n*ho*wo, o] x [o, kh*kw*i] product (a plain 2-D dot: ~1.4x faster than the einsum
-    # with a separate i axis), then [n, ho, wo, kh*kw, i].
+    # One [n*ho*wo, o] x [o, kh*kw*i] product, then [n, ho, wo, kh*kw, i].
     taps = jax.lax.dot_general(g, w.reshape(kh * kw * c_in, c_out), (((3,), (1,)), ((), ())))
     taps = taps.reshape(*g.shape[:3], kh * kw, c_in)
     zero = jnp.zeros((), g.dtype)
