@@ -261,12 +261,7 @@ def main(argv):
     if FLAGS.ablation:
         return ablation()
     set_xla_flags()
-    import jax
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
-    torch.backends.cudnn.benchmark = True  # GPU: fixed shapes, let cuDNN pick its algorithms
-    print(bench_util.header(jax, torch))
+    bench_util.start_frameworks()
     print(f"AT step: PGD-{FLAGS.pgd_steps} ({FLAGS.variant} modes) + SGD-momentum, batch "
           f"{FLAGS.batch}, {FLAGS.steps} steps per repetition, {FLAGS.repeats} repetitions; "
           f"wrn = WRN-{FLAGS.wrn_depth}-{FLAGS.wrn_width}")

@@ -52,12 +52,19 @@ def others_share(before, after, seconds: float) -> str:
     return f"{max(busy, 0) / ticks / seconds:.2f} cores"
 
 
-def header(jax, torch) -> str:
-    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; CPU {cpu_model()}, "
-            f"{os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].device_kind} "
-            f"x{jax.device_count()}; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
-            f"{load_average()}")
+def start_frameworks() -> None:
+    """Imports JAX and PyTorch (after XLA_FLAGS are final), gives PyTorch every core and
+    cuDNN autotuning (GPU: fixed shapes), and prints the machine header."""
+    import jax
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.backends.cudnn.benchmark = True
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; CPU {cpu_model()}, "
+          f"{os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].device_kind} "
+          f"x{jax.device_count()}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
+          f"{load_average()}")
 
 
 def alternate(model: str, runners: dict[str, Callable[[], float]], repeats: int,

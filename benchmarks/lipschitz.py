@@ -179,12 +179,7 @@ def main(argv):
         from jax_robust.speed_flags import append_speed_flags
 
         append_speed_flags()
-    import jax
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
-    torch.backends.cudnn.benchmark = True  # GPU: fixed shapes, let cuDNN pick its algorithms
-    print(bench_util.header(jax, torch))
+    bench_util.start_frameworks()
     print(f"lipschitz (descent, 10 steps of 0.003, eps {FLAGS.eps}), batch {FLAGS.batch}, "
           f"{FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; PyTorch "
           f"{'recomputes' if FLAGS.torch_recompute_fx else 'computes once'} f(x)")
