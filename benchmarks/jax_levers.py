@@ -9,6 +9,8 @@ three levers of its own (jax_robust/layers.py, models.py); these variants take t
   biasfirst   CNN1 adds its conv2 bias before the pool, as the official net is written (the
               library adds it after: pool(z) + b = pool(z + b) exactly, and the bias gradient
               then sums the 4x smaller pooled map)
+  flaxbn      `nn.BatchNorm` (XLA reductions) in place of the library's `models.BatchNorm`
+              (per-channel sums and their gradients as ones-vector dots)
 and these try others:
   rolled      PGD loop as a rolled `lax.fori_loop` (the library unrolls it)
   nnpool      `nn.max_pool` instead of the library's `max_pool_2x2`
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 
 from jax_robust import models
 
-LEVERS = ("xlapool", "xlaconv", "biasfirst", "rolled", "nnpool", "flipconv", "poolidx", "biasdot",
+LEVERS = ("xlapool", "xlaconv", "biasfirst", "flaxbn", "rolled", "nnpool", "flipconv", "poolidx", "biasdot",
           "relupool", "nodonate", "rbg", "unsafe_rbg", "threefry")
 _ORIG_CONV = jax.lax.conv_general_dilated
 _ORIG_FORI = jax.lax.fori_loop
@@ -229,6 +231,8 @@ def patched(variant: str):
         patch(models, "small_input_conv", None)  # nn.Conv's default: lax.conv_general_dilated
     if "biasfirst" in parts:
         patch(models, "CNN1", BiasFirstCNN1)
+    if "flaxbn" in parts:
+        patch(models, "BatchNorm", nn.BatchNorm)
     if "biasdot" in parts:
         from jax._src.lax import lax as lax_internal
 

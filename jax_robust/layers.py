@@ -134,3 +134,64 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
+
+
+# ----------------------------------------------------------------------------- channel sums
+# XLA:CPU reduces [n, h, w, c] over n, h, w (BatchNorm statistics, bias and scale gradients)
+# at ~1 GB/s as a reduce-window: 38 ms for [128, 32, 32, 64], a tenth of a WRN step's time.
+# The same sum as a ones-vector dot runs at memory speed. Both functions below are exact
+# sums/broadcasts whose gradients are each other, so the backward passes get dots too.
+
+
+def _dot_sum(x: jax.Array) -> jax.Array:
+    """[..., c] -> [c], the sum over every leading axis as ones[1, m] @ x[m, c]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return jax.lax.dot_general(jnp.ones((x2.shape[0],), x.dtype), x2, (((0,), (0,)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sum_leading(x, shape):
+    del shape
+    return _dot_sum(x)
+
+
+def _sum_leading_fwd(x, shape):
+    return _dot_sum(x), None
+
+
+def _sum_leading_bwd(shape, _, g):
+    return (jnp.broadcast_to(g, shape),)
+
+
+_sum_leading.defvjp(_sum_leading_fwd, _sum_leading_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_leading(v, shape):
+    return jnp.broadcast_to(v, shape)
+
+
+def _broadcast_leading_fwd(v, shape):
+    return jnp.broadcast_to(v, shape), None
+
+
+def _broadcast_leading_bwd(shape, _, g):
+    return (_dot_sum(g),)
+
+
+_broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
+
+
+def sum_leading(x: jax.Array) -> jax.Array:
+    """x [..., c] -> [c]: the sum over all leading axes (a dot on CPU, `jnp.sum` elsewhere)."""
+    if jax.default_backend() != "cpu":
+        return x.reshape(-1, x.shape[-1]).sum(axis=0)
+    return _sum_leading(x, x.shape)
+
+
+def broadcast_leading(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """v [c] -> `shape` [..., c]; its gradient is `sum_leading` (a dot on CPU)."""
+    if jax.default_backend() != "cpu":
+        return jnp.broadcast_to(v, shape)
+    return _broadcast_leading(v, tuple(shape))

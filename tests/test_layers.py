@@ -107,3 +107,44 @@ def test_cnn1_bias_after_pool_equals_the_official_order():
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_channel_sum_and_broadcast_are_each_others_gradient():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6))
+    v = jax.random.normal(jax.random.key(1), (6,))
+    np.testing.assert_allclose(layers.sum_leading(x), np.asarray(x).sum((0, 1, 2)), rtol=1e-5)
+    gx = jax.grad(lambda x: (layers.sum_leading(x) * v).sum())(x)
+    np.testing.assert_array_equal(gx, np.broadcast_to(v, x.shape))
+    gv = jax.grad(lambda v: (layers.broadcast_leading(v, x.shape) * x).sum())(v)
+    np.testing.assert_allclose(gv, np.asarray(x).sum((0, 1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_matches_flax_batchnorm(train):
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 4))
+    ours = models.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    variables = ref.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_structure(ours.init(jax.random.key(1), x)) == (
+        jax.tree_util.tree_structure(variables))  # same names: checkpoints load either way
+    variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 4), "bias": jnp.arange(4.0)},
+                 "batch_stats": {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 2.0)}}
+    g = jax.random.normal(jax.random.key(2), x.shape)
+
+    def loss(module, params, x):
+        y, state = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return (y * g).sum(), (y, state)
+
+    (_, (y, state)), grads = jax.value_and_grad(
+        lambda p, x: loss(ours, p, x), argnums=(0, 1), has_aux=True)(variables["params"], x)
+    (_, (y_ref, state_ref)), grads_ref = jax.value_and_grad(
+        lambda p, x: loss(ref, p, x), argnums=(0, 1), has_aux=True)(variables["params"], x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((state, grads)),
+                    jax.tree_util.tree_leaves((state_ref, grads_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    xs = np.asarray(x, np.float64).reshape(-1, 4)  # the batch statistics, by NumPy
+    expected_mean = 0.9 * 0.5 + 0.1 * xs.mean(0) if train else np.full(4, 0.5)
+    np.testing.assert_allclose(state["batch_stats"]["mean"], expected_mean, rtol=1e-5)
+    expected_var = 0.9 * 2.0 + 0.1 * xs.var(0) if train else np.full(4, 2.0)
+    np.testing.assert_allclose(state["batch_stats"]["var"], expected_var, rtol=1e-5)
