@@ -11,6 +11,9 @@ the backward pass (measured in BUILD_NOTES.md, "Speed against PyTorch eager"):
                    its input gradient as one matmul plus an overlap-add of the kh*kw taps;
                    XLA:CPU's backward-input convolution is ~3x slower with 1-3 output channels.
                    On other backends, and for any other conv, it is `conv_general_dilated`.
+  sum_leading,     per-channel sums over [n, h, w] and the matching broadcast, each the
+  broadcast_leading  other's gradient, as ones-vector dots on CPU (XLA:CPU's reduce-window
+                   runs them ~10x slower); models.BatchNorm is built on them.
 Layout: NHWC activations, HWIO kernels (Flax's).
 """
 
