@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_robust import models
+from jax_robust import layers, models
 
 LEVERS = ("xlapool", "xlaconv", "biasfirst", "flaxbn", "rolled", "nnpool", "flipconv", "poolidx", "biasdot",
           "relupool", "nodonate", "rbg", "unsafe_rbg", "threefry")
@@ -108,13 +108,6 @@ def flipconv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
                       dimension_numbers, feature_group_count, batch_group_count, **kw)
 
 
-def _window_slices(x):
-    """The four [n, h/2, w/2, c] strided slices of each 2x2 window (odd edges dropped)."""
-    n, h, w, c = x.shape
-    x6 = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    return [x6[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
-
-
 def autodiff_max_pool_2x2(x):
     """Reshape-and-max, its gradient left to autodiff (the library before its custom VJP)."""
     n, h, w, c = x.shape
@@ -127,7 +120,7 @@ def idx_max_pool_2x2(x):
 
 
 def _idx_fwd(x):
-    a, b, c, d = _window_slices(x)
+    a, b, c, d = layers._corners(x)  # the library's window corners
     m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
     first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.int8)
     return m, (first, x.shape)

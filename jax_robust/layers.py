@@ -27,6 +27,11 @@ import jax.numpy as jnp
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _on_cpu() -> bool:
+    """Whether traced programs run on XLA:CPU, where these rewrites were measured."""
+    return jax.default_backend() == "cpu"
+
+
 def _windows(x: jax.Array) -> jax.Array:
     """[n, h, w, c] -> [n, h//2, 2, w//2, 2, c]: the 2x2 windows (odd edges dropped)."""
     n, h, w, c = x.shape
@@ -122,7 +127,7 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     XLA's by float rounding only.
     """
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    fits = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.shape[2] <= 4
+    fits = (_on_cpu() and lhs.ndim == 4 and rhs.shape[2] <= 4
             and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
             and tuple(window_strides) == (1, 1) and feature_group_count == 1
             and batch_group_count == 1 and precision is None
@@ -130,9 +135,10 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
             and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
     if fits:
         pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-                if isinstance(padding, str) else tuple(tuple(p) for p in padding))
+                if isinstance(padding, str) else padding)
+        pads = tuple(tuple(p) for p in pads)
         if all(0 <= p < k for pair, k in zip(pads, rhs.shape[:2]) for p in pair):
-            return _overlap_add_conv(lhs, rhs, tuple(tuple(p) for p in pads))
+            return _overlap_add_conv(lhs, rhs, pads)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision=precision,
@@ -188,13 +194,13 @@ _broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
 
 def sum_leading(x: jax.Array) -> jax.Array:
     """x [..., c] -> [c]: the sum over all leading axes (a dot on CPU, `jnp.sum` elsewhere)."""
-    if jax.default_backend() != "cpu":
+    if not _on_cpu():
         return x.reshape(-1, x.shape[-1]).sum(axis=0)
     return _sum_leading(x, x.shape)
 
 
 def broadcast_leading(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """v [c] -> `shape` [..., c]; its gradient is `sum_leading` (a dot on CPU)."""
-    if jax.default_backend() != "cpu":
+    if not _on_cpu():
         return jnp.broadcast_to(v, shape)
     return _broadcast_leading(v, tuple(shape))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_robust.errors import UserError
-from jax_robust.layers import (broadcast_leading, max_pool_2x2, small_input_conv,
+from jax_robust.layers import (NHWC, broadcast_leading, max_pool_2x2, small_input_conv,
                                sum_leading)
 
 # PyTorch's default Linear/Conv init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -73,8 +73,7 @@ class ConvPoolBias(nn.Module):
         kernel = self.param("kernel", torch_kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", torch_bias_init(self.bias_fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
         return max_pool_2x2(y) + bias
 
 
