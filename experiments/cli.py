@@ -1,23 +1,22 @@
-"""Shared entry for the experiment binaries: speed flags first, user errors as one line + exit 2."""
+"""Shared entry of the experiment binaries: the CPU speed flags, then absl, with user errors
+(a bad flag, a `UserError`) as one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
-import os
 import sys
+from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jax_robust.speed_flags import append_speed_flags  # noqa: E402  (must precede jax)
-
-append_speed_flags()
+from jax_robust.speed_flags import append_speed_flags
 
 
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def run_main(main) -> None:
-    """absl.app.run(main), turning a `UserError` or a bad flag into one stderr line, exit 2."""
+def run_main(main: Callable, *, before_jax: Callable[[], None] = append_speed_flags) -> None:
+    """Calls `before_jax()` (XLA flags: they must be set before JAX starts its backend), then
+    absl.app.run(main), turning a `UserError` or a bad flag into one stderr line, exit 2."""
+    before_jax()
     from absl import app, flags
 
     from jax_robust.errors import UserError

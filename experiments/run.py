@@ -12,26 +12,31 @@ import os
 import signal
 import sys
 
-import cli  # noqa: F401  (sets XLA flags before jax is imported)
 from absl import flags
 
+from experiments import cli
 from jax_robust import config as cfglib
+from jax_robust import methods, recipes
+from jax_robust.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "natural", "natural, gr, llr, at, trades or rst")
+flags.DEFINE_string("method", "natural", ", ".join(methods.METHODS))
 flags.DEFINE_string("variant", "official", "official (the official code, quirks included) or "
                     "paper (the published formulas)")
-flags.DEFINE_float("beta", None, "TRADES beta (default 6)")
-flags.DEFINE_float("lam", None, "lambda of GR (default 1), LLR (4) and RST (1)")
-flags.DEFINE_float("mu", None, "LLR mu (default 3)")
-flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10, svhn or "
-                    "restricted_imagenet")
+HPARAM_FLAGS = {  # flag -> the method hyperparameter it sets (methods.py has the defaults)
+    "beta": flags.DEFINE_float("beta", None, "TRADES beta (default 6)"),
+    "lam": flags.DEFINE_float("lam", None, "lambda of GR (default 1), LLR (4) and RST (1)"),
+    "mu": flags.DEFINE_float("mu", None, "LLR mu (default 3)"),
+    "gr_h": flags.DEFINE_float("gr_h", None, "GR's finite-difference step (default 1)"),
+    "llr_steps": flags.DEFINE_integer("llr_steps", None, "LLR's ascent steps (default 2)"),
+}
+flags.DEFINE_string("dataset", "digits", ", ".join(recipes.RECIPES))
 flags.DEFINE_string("data_dir", None, "directory of the data set's files (IDX or TFDS)")
 flags.DEFINE_integer("max_train", None, "use only the first N training points")
 flags.DEFINE_integer("max_test", None, "use only the first N test points")
 flags.DEFINE_string("augment", None, "training augmentation on the device: none, crop_flip "
                     "(CIFAR-10's official) or crop (Restricted ImageNet's); default: official")
-flags.DEFINE_string("arch", "cnn1", "cnn1, cnn2, wrn, resnet50 or linear")
+flags.DEFINE_string("arch", "cnn1", ", ".join(cfglib.ARCHS))
 flags.DEFINE_float("dropout", None, "dropout rate (default: the arch's official rate; 0 = off)")
 flags.DEFINE_integer("wrn_depth", 40, "WideResNet depth (6n+4)")
 flags.DEFINE_integer("wrn_width", 10, "WideResNet widen factor")
@@ -50,8 +55,27 @@ flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
 flags.DEFINE_integer("lipschitz_restarts", 1, "random starts of the ascent lipschitz estimate")
 flags.DEFINE_integer("lipschitz_steps", 10, "steps of the lipschitz estimates (official: 10)")
+flags.DEFINE_float("lipschitz_step_size", 0.003, "step of the lipschitz estimates (official: "
+                   "0.003 whatever eps is)")
+flags.DEFINE_integer("train_eval_size", None, "training points evaluated at the end (PGD and "
+                     "lipschitz; default all, as the paper); a fixed random subset")
+flags.DEFINE_integer("curve_size", 512, "test points of the per-epoch accuracies in "
+                     "metrics.jsonl")
+SPEED_FLAGS = {
+    "pool_grad": flags.DEFINE_string("pool_grad", None, "speed: max-pool gradient, corners or "
+                                     "autodiff (default: corners on CPU)"),
+    "first_conv_grad": flags.DEFINE_string("first_conv_grad", None, "speed: first conv's input "
+                                           "gradient, overlap_add or xla (default: "
+                                           "overlap_add on CPU)"),
+    "channel_sums": flags.DEFINE_string("channel_sums", None, "speed: BatchNorm sums, dot or "
+                                        "reduce (default: dot on CPU)"),
+    "conv_bias_after_pool": flags.DEFINE_bool("conv_bias_after_pool", None, "speed: CNN1's "
+                                              "conv2 bias after the pool (default: on CPU)"),
+    "attack_unroll": flags.DEFINE_bool("attack_unroll", None, "speed: unroll the PGD and "
+                                       "lipschitz loops (default: on CPU)"),
+}
 flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (default: "
-                    "runs/<dataset>_<arch>_<method>[<beta|lam>]_<variant>_seed<seed>)")
+                    "runs/<dataset>_<arch>_<method tag>_<variant>_seed<seed>)")
 flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints (and each epoch end)")
 flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
 flags.DEFINE_integer("log_every", 50, "steps between progress lines")
@@ -60,13 +84,13 @@ flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (mult
 
 
 def config_from_flags() -> cfglib.RunConfig:
-    from jax_robust.errors import UserError
-
     try:
         milestones = (None if FLAGS.milestones is None
                       else tuple(int(m) for m in FLAGS.milestones if m != ""))
     except ValueError:
         raise UserError(f"milestones must be integers, got {FLAGS.milestones}") from None
+    hparams = tuple(sorted((name, flag.value) for name, flag in HPARAM_FLAGS.items()
+                           if flag.value is not None))
     return cfglib.RunConfig(
         data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test,
                                FLAGS.augment),
@@ -74,38 +98,39 @@ def config_from_flags() -> cfglib.RunConfig:
                                  FLAGS.dtype),
         attack=cfglib.AttackConfig(FLAGS.eps, FLAGS.attack_steps, FLAGS.attack_step_size),
         train=cfglib.TrainConfig(
-            method=FLAGS.method, variant=FLAGS.variant, beta=FLAGS.beta, lam=FLAGS.lam,
-            mu=FLAGS.mu, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-            optimizer=FLAGS.optimizer, lr=FLAGS.lr, momentum=FLAGS.momentum,
-            milestones=milestones, seed=FLAGS.seed),
+            method=FLAGS.method, variant=FLAGS.variant, hparams=hparams, epochs=FLAGS.epochs,
+            batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr,
+            momentum=FLAGS.momentum, milestones=milestones, seed=FLAGS.seed),
         eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
                                lipschitz_steps=FLAGS.lipschitz_steps,
-                               lipschitz_restarts=FLAGS.lipschitz_restarts),
+                               lipschitz_step_size=FLAGS.lipschitz_step_size,
+                               lipschitz_restarts=FLAGS.lipschitz_restarts,
+                               train_eval_size=FLAGS.train_eval_size,
+                               curve_size=FLAGS.curve_size),
+        speed=cfglib.SpeedConfig(**{name: flag.value for name, flag in SPEED_FLAGS.items()}),
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
         log_every=FLAGS.log_every,
     )
 
 
 def default_workdir(cfg: cfglib.RunConfig) -> str:
-    """runs/<dataset>_<arch>_<method>[<weight>]_<variant>_seed<seed>,
-    e.g. runs/digits_cnn1_rst2_official_seed0."""
+    """runs/<dataset>_<arch>_<method tag>_<variant>_seed<seed> of a resolved config, e.g.
+    runs/digits_cnn1_rst2_official_seed0."""
     t = cfg.train
-    weight = {"trades": t.beta, "rst": t.lam, "gr": t.lam, "llr": t.lam}.get(t.method)
-    name = (f"{cfg.data.dataset}_{cfg.model.arch}_{t.method}"
-            + (f"{weight:g}" if weight is not None else "") + f"_{t.variant}_seed{t.seed}")
-    return os.path.join("runs", name)
+    tag = methods.get(t.method).format_tag(dict(t.hparams))
+    return os.path.join("runs", f"{cfg.data.dataset}_{cfg.model.arch}_{tag}_{t.variant}"
+                                f"_seed{t.seed}")
 
 
 ROW = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap")
 
 
-def prepare(argv: list[str]) -> cfglib.RunConfig:
-    """Parses argv into the run's config; raises UserError (or flags.Error) on a bad value.
+def prepare(argv: list[str]) -> tuple[cfglib.RunConfig, str]:
+    """Parses argv into the run's config and workdir; raises UserError on a bad value.
 
-    Runs before JAX is imported, so mistakes fail fast.
+    Every setting is checked (the config resolved once, on the CPU's speed defaults) and the
+    workdir made and probed for writing before any data are loaded or JAX starts.
     """
-    from jax_robust.errors import UserError
-
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
@@ -113,21 +138,33 @@ def prepare(argv: list[str]) -> cfglib.RunConfig:
     if len(rest) > 1:
         raise UserError(f"unexpected arguments {rest[1:]}; flags are --name=value")
     cfg = config_from_flags()
-    cfglib.validate(cfg)
-    if FLAGS.workdir is None:
-        FLAGS.workdir = default_workdir(cfg)
+    resolved = recipes.resolve(cfg, "cpu")
+    workdir = os.path.expanduser(FLAGS.workdir or default_workdir(resolved))
+    if FLAGS.eval_only and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise UserError(f"--eval_only: {workdir} holds no checkpoints")
     try:
-        os.makedirs(FLAGS.workdir, exist_ok=True)
-        probe = os.path.join(FLAGS.workdir, ".write_test")
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"workdir {FLAGS.workdir} is not writable: {e.strerror}") from None
-    return cfg
+        raise UserError(f"workdir {workdir} is not writable: {e.strerror}") from None
+    return cfg, workdir
+
+
+def print_row(r: dict, workdir: str) -> None:
+    t = r["config"]["train"]
+    print()
+    print("| method | variant | " + " | ".join(ROW) + " | test_lipschitz_ascent |")
+    print("|---" * (len(ROW) + 3) + "|")
+    print(f"| {t['method']} | {t['variant']} | " + " | ".join(f"{r[k]:.2f}" for k in ROW)
+          + f" | {r['test_lipschitz_ascent']:.2f} |")
+    print(f"results: {workdir}/results.json (train {r['train_seconds']:.0f}s, "
+          f"eval {r['eval_seconds']:.0f}s)")
 
 
 def main(argv):
-    cfg = prepare(argv)
+    cfg, workdir = prepare(argv)
     if FLAGS.distributed:
         import jax
 
@@ -147,20 +184,18 @@ def main(argv):
         print(msg, flush=True)
 
     try:
-        r = train.train_and_evaluate(cfg, FLAGS.workdir, log=log,
+        r = train.train_and_evaluate(cfg, workdir, log=log,
                                      should_stop=lambda: stop["requested"],
                                      eval_only=FLAGS.eval_only)
     except train.Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(130)
-    print()
-    print("| method | variant | " + " | ".join(ROW) + " | test_lipschitz_ascent |")
-    print("|---" * (len(ROW) + 3) + "|")
-    print(f"| {r['method']} | {r['variant']} | " + " | ".join(f"{r[k]:.2f}" for k in ROW)
-          + f" | {r['test_lipschitz_ascent']:.2f} |")
-    print(f"results: {FLAGS.workdir}/results.json (train {r['train_seconds']:.0f}s, "
-          f"eval {r['eval_seconds']:.0f}s)")
+    print_row(r, workdir)
+
+
+def entry() -> None:
+    cli.run_main(main)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    entry()

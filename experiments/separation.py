@@ -17,16 +17,11 @@ import os
 import sys
 import time
 
+from absl import flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from jax_robust.speed_flags import one_host_device_per_core  # noqa: E402  (no jax import)
-
-one_host_device_per_core()
-
-import cli  # noqa: E402,F401  (sets XLA flags before jax is imported)
-from absl import flags  # noqa: E402
-
-from jax_robust.files import write_json_atomic  # noqa: E402
+from experiments import cli
+from jax_robust.files import write_json_atomic
+from jax_robust.speed_flags import append_speed_flags, one_host_device_per_core
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "digits", "digits, fashion_mnist, mnist, cifar10 or svhn")
@@ -200,7 +195,7 @@ def print_summary(result: dict, path: str) -> None:
 
 
 def main(argv):
-    from jax_robust import data, separation
+    from jax_robust import data, recipes, separation
     from jax_robust.errors import UserError
 
     if len(argv) > 1:
@@ -224,7 +219,7 @@ def main(argv):
     def progress(label):
         return separation.stderr_progress(f"{info.name} {label}") if FLAGS.progress else None
 
-    eps = FLAGS.eps if FLAGS.eps is not None else info.eps
+    eps = FLAGS.eps if FLAGS.eps is not None else recipes.recipe(info.name).eps
     result, (tt_d, tt_i), (te_d, te_i) = measure(ds, eps, FLAGS.n_closest,
                                                  FLAGS.train_classifier, progress)
     json_path = os.path.join(workdir, "separation.json")
@@ -238,5 +233,15 @@ def main(argv):
     print_summary(result, json_path)
 
 
+def set_xla_flags() -> None:
+    """One single-threaded CPU device per core (the scan shards over devices), speed flags."""
+    one_host_device_per_core()
+    append_speed_flags()
+
+
+def entry() -> None:
+    cli.run_main(main, before_jax=set_xla_flags)
+
+
 if __name__ == "__main__":
-    cli.run_main(main)
+    entry()

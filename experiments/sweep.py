@@ -1,93 +1,217 @@
-"""A grid of runs -> the paper's table (markdown, CSV) and a lipschitz vs. robustness plot.
+"""A grid of runs over methods, variants, dropout rates and seeds -> the paper's tables, plots.
 
-    python experiments/sweep.py --workdir=runs/digits            # the paper's 10 rows
-    python experiments/sweep.py --variants=official,paper --dataset=fashion_mnist --arch=cnn2
+    python experiments/sweep.py --workdir=runs/digits --seeds=3       # the paper's 10 rows
+    python experiments/sweep.py --variants=official,paper --dataset=fashion_mnist --epochs=4 \\
+        --milestones=2,3 --workdir=runs/fmnist
 
-Each configuration runs in <workdir>/<name>; finished ones (results.json present) are
-skipped and interrupted ones resume from their checkpoints, so re-running continues a sweep.
+Each cell runs in <workdir>/<row>-<variant>[-drop<rate>]-seed<k>. A finished cell (its
+results.json made with the requested configuration) is not re-run, an interrupted one resumes
+from its checkpoints; a cell whose results or checkpoints were made with other settings is
+refused (naming them) unless --overwrite. At the end experiments/report.py's tables and plots
+are written to the workdir.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import sys
 import time
 
-import cli  # noqa: F401  (sets XLA flags before jax is imported)
 from absl import flags
 
+from experiments import cli
 from jax_robust import config as cfglib
+from jax_robust import methods, recipes
+from jax_robust.errors import UserError
 
 FLAGS = flags.FLAGS
-# The paper's rows: name -> (method, beta, lam)
-PAPER_ROWS = {
-    "natural": ("natural", None, None),
-    "gr": ("gr", None, None),
-    "llr": ("llr", None, None),
-    "at": ("at", None, None),
-    "rst0.5": ("rst", None, 0.5),
-    "rst1": ("rst", None, 1.0),
-    "rst2": ("rst", None, 2.0),
-    "trades1": ("trades", 1.0, None),
-    "trades3": ("trades", 3.0, None),
-    "trades6": ("trades", 6.0, None),
-}
-flags.DEFINE_list("rows", list(PAPER_ROWS), f"rows to run, of {', '.join(PAPER_ROWS)}")
+# The paper's ten rows: (method, hyperparameters); a row's name is its method tag.
+PAPER_ROWS = (("natural", {}), ("gr", {}), ("llr", {}), ("at", {}), ("rst", {"lam": 0.5}),
+              ("rst", {"lam": 1.0}), ("rst", {"lam": 2.0}), ("trades", {"beta": 1.0}),
+              ("trades", {"beta": 3.0}), ("trades", {"beta": 6.0}))
+flags.DEFINE_list("rows", None, "rows to run: the paper's row names (natural, gr, llr, at, "
+                  "rst0.5, rst1, rst2, trades1, trades3, trades6) or any method's name "
+                  "(its default weights); default: the paper's ten")
 flags.DEFINE_list("variants", ["official"], "official and/or paper")
 flags.DEFINE_list("dropouts", [""], "dropout rates to cross with the rows ('' = the arch's)")
+flags.DEFINE_string("seeds", "1", "N (seeds 0..N-1) or a list, e.g. 0,3,7")
 flags.DEFINE_string("dataset", "digits", "data set")
 flags.DEFINE_string("data_dir", None, "data directory")
 flags.DEFINE_string("arch", "cnn1", "architecture")
 flags.DEFINE_integer("epochs", None, "epochs (default: the data set's official number)")
-flags.DEFINE_integer("seed", 0, "random seed")
+flags.DEFINE_list("milestones", None, "lr x0.1 after these epochs (default: official)")
+flags.DEFINE_integer("max_train", None, "use only the first N training points")
+flags.DEFINE_integer("max_test", None, "use only the first N test points")
+flags.DEFINE_integer("train_eval_size", None, "training points evaluated (default all)")
+flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
 flags.DEFINE_string("workdir", "runs/sweep", "root of the runs and the report")
+flags.DEFINE_bool("overwrite", False, "re-run cells made with other settings (deletes them)")
+
+# Settings that do not change a run's numbers: a cell made with others is still reused.
+NOT_IDENTITY = ("checkpoint_every", "keep_checkpoints", "log_every", "speed.", "data.data_dir")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be a count or a list of integers, got {text!r}") from None
+    if len(values) == 1 and "," not in text:
+        values = list(range(values[0]))
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise UserError(f"--seeds must give distinct non-negative seeds, got {text!r}")
+    return tuple(values)
+
+
+def row_specs(names: list[str] | None) -> list[tuple[str, dict]]:
+    """(method, hyperparameters) of each requested row."""
+    paper = {methods.get(m).format_tag(dict(methods.get(m).resolve_hparams(hp))): (m, hp)
+             for m, hp in PAPER_ROWS}
+    if names is None:
+        return list(paper.values())
+    out = []
+    for name in names:
+        if name in paper:
+            out.append(paper[name])
+        elif name in methods.METHODS:
+            out.append((name, {}))
+        else:
+            raise UserError(f"unknown row {name!r}; choose from {', '.join(paper)} or a "
+                            f"method ({', '.join(methods.METHODS)})")
+    if not out:
+        raise UserError("--rows is empty")
+    return out
+
+
+def parse_dropouts(values: list[str]) -> list[float | None]:
+    out = []
+    for v in values or [""]:
+        try:
+            out.append(None if v == "" else float(v))
+        except ValueError:
+            raise UserError(f"--dropouts must be rates in [0, 1) or '', got {v!r}") from None
+    return out
+
+
+def base_config() -> cfglib.RunConfig:
+    try:
+        milestones = (None if FLAGS.milestones is None
+                      else tuple(int(m) for m in FLAGS.milestones if m != ""))
+    except ValueError:
+        raise UserError(f"milestones must be integers, got {FLAGS.milestones}") from None
+    return cfglib.RunConfig(
+        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test),
+        model=cfglib.ModelConfig(FLAGS.arch),
+        train=cfglib.TrainConfig(epochs=FLAGS.epochs, milestones=milestones),
+        eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
+                               train_eval_size=FLAGS.train_eval_size))
+
+
+def grid(base: cfglib.RunConfig) -> list[tuple[str, cfglib.RunConfig]]:
+    """(cell name, resolved config) of every cell, validated before anything runs."""
+    cells = []
+    for dropout in parse_dropouts(FLAGS.dropouts):
+        for method, hp in row_specs(FLAGS.rows):
+            for variant in FLAGS.variants:
+                for seed in parse_seeds(FLAGS.seeds):
+                    cfg = dataclasses.replace(
+                        base, model=dataclasses.replace(base.model, dropout=dropout),
+                        train=dataclasses.replace(base.train, method=method, variant=variant,
+                                                  hparams=tuple(sorted(hp.items())),
+                                                  seed=seed))
+                    cfg = recipes.resolve(cfg, "cpu")
+                    tag = methods.get(method).format_tag(dict(cfg.train.hparams))
+                    name = (f"{tag}-{variant}" + (f"-drop{dropout:g}" if dropout is not None
+                                                  else "") + f"-seed{seed}")
+                    cells.append((name, cfg))
+    return cells
+
+
+def stale_settings(workdir: str, cfg: cfglib.RunConfig) -> list[str]:
+    """Settings of the results.json or newest checkpoint in `workdir` that differ from
+    `cfg`'s (the speed options and other settings in NOT_IDENTITY aside)."""
+    from jax_robust.train import config_changes
+
+    saved = None
+    results = os.path.join(workdir, "results.json")
+    if os.path.exists(results):
+        try:
+            with open(results) as f:
+                saved = json.load(f)["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ["results.json (unreadable)"]
+    if saved is None:
+        return []
+    current = cfg.to_dict()
+    return [c for c in config_changes(saved, current) if not c.startswith(NOT_IDENTITY)]
 
 
 def main(argv):
-    del argv
-    from jax_robust import report, train
-    from jax_robust.errors import UserError
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}")
+    cells = grid(base_config())
+    names = [n for n, _ in cells]
+    if len(set(names)) != len(names):
+        raise UserError("the grid names a cell twice; remove repeated --rows/--variants")
+    root = os.path.expanduser(FLAGS.workdir)
+    for name, cfg in cells:
+        stale = stale_settings(os.path.join(root, name), cfg)
+        if stale and not FLAGS.overwrite:
+            raise UserError(f"{os.path.join(root, name)} holds a run made with other "
+                            f"{', '.join(stale)}; use another --workdir or --overwrite")
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {root} is not writable: {e.strerror}") from None
 
-    unknown = [r for r in FLAGS.rows if r not in PAPER_ROWS]
-    if unknown:
-        raise UserError(f"unknown rows {unknown}; choose from {', '.join(PAPER_ROWS)}")
-    grid = [(row, variant, dropout) for dropout in FLAGS.dropouts for row in FLAGS.rows
-            for variant in FLAGS.variants]
-    base = cfglib.RunConfig(
-        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir),
-        model=cfglib.ModelConfig(FLAGS.arch),
-        train=cfglib.TrainConfig(epochs=FLAGS.epochs, seed=FLAGS.seed),
-    )
     from jax_robust import data as datalib
+    from jax_robust import report, train
 
-    dataset = datalib.load_dataset(FLAGS.dataset, FLAGS.data_dir)
-    paths = []
-    start = time.time()
-    for i, (row, variant, dropout) in enumerate(grid):
-        method, beta, lam = PAPER_ROWS[row]
-        name = f"{row}-{variant}" + (f"-drop{dropout}" if dropout else "")
-        workdir = os.path.join(FLAGS.workdir, name)
-        result = os.path.join(workdir, "results.json")
+    dataset = datalib.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train,
+                                   FLAGS.max_test)
+    todo = [(n, c) for n, c in cells
+            if not os.path.exists(os.path.join(root, n, "results.json"))
+            or stale_settings(os.path.join(root, n), c)]
+    print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
+          flush=True)
+    start, finished = time.time(), 0
+    for i, (name, cfg) in enumerate(todo):
+        workdir = os.path.join(root, name)
+        if FLAGS.overwrite and stale_settings(workdir, cfg):
+            shutil.rmtree(workdir)
         elapsed = time.time() - start
-        print(f"[{i + 1}/{len(grid)}] {name} (sweep {elapsed:.0f}s"
-              + (f", ETA {elapsed / i * (len(grid) - i):.0f}s)" if i else ")"), flush=True)
-        if not os.path.exists(result):
-            cfg = dataclasses.replace(
-                base,
-                model=dataclasses.replace(base.model,
-                                          dropout=float(dropout) if dropout else None),
-                train=dataclasses.replace(base.train, method=method, variant=variant,
-                                          beta=beta, lam=lam))
+        eta = (f", ETA {elapsed / finished * (len(todo) - i) / 60:.0f} min" if finished else "")
+        print(f"[{len(cells) - len(todo) + i + 1}/{len(cells)}] {name}: "
+              f"{len(cells) - len(todo) + i} done, 1 running, {len(todo) - i - 1} left"
+              f"{eta}", flush=True)
+        try:
             train.train_and_evaluate(cfg, workdir, dataset=dataset,
                                      log=lambda m: print("  " + m, flush=True))
-        paths.append(result)
-    results = report.load_results(paths)
-    title = f"{FLAGS.dataset}, {FLAGS.arch}, eps {results[0]['eps']:g}"
-    written = report.write_report(results, FLAGS.workdir, title)
-    print(report.markdown_table(results))
+        except train.OtherRun:
+            if not FLAGS.overwrite:
+                raise
+            shutil.rmtree(workdir)  # checkpoints of other settings, no results yet
+            train.train_and_evaluate(cfg, workdir, dataset=dataset,
+                                     log=lambda m: print("  " + m, flush=True))
+        finished += 1
+    runs = report.load_runs(root)
+    wanted = {os.path.join(root, n, "results.json") for n in names}
+    runs = [r for r in runs if r.path in wanted]
+    written = report.write_report(runs, root)
+    with open(written[0]) as f:
+        print(f.read())
     print("wrote " + ", ".join(written), file=sys.stderr)
 
 
-if __name__ == "__main__":
+def entry() -> None:
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,24 +1,25 @@
 """One frozen configuration per run, built from flags (experiments/) or by hand (notebooks).
 
-Every field is a plain value (str, int, float, tuple), so a config is hashable, can be set
-from the command line, and is written whole into results.json.
+Every field is a plain value (str, int, float, bool, tuple), so a config is hashable, can be
+set from the command line, and is written whole into results.json. A field left None means
+"the official setting" (the data set's recipe, the arch's dropout, the method's default
+weight, the backend's speed options); `recipes.resolve` fills every one of them, once,
+before anything is built, and every later stage reads only the resolved config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from jax_robust.errors import UserError
 
-METHODS = ("natural", "gr", "llr", "at", "trades", "rst")
 VARIANTS = ("official", "paper")
 ARCHS = ("cnn1", "cnn2", "wrn", "resnet50", "linear")
-# The official code's weights of each method (OFFICIAL_CODE.md 3.1): lam is GR's lambda,
-# LLR's lambda and RST's lambda; beta is TRADES' beta; mu is LLR's mu.
-DEFAULT_LAM = {"gr": 1.0, "llr": 4.0, "rst": 1.0}
-DEFAULT_BETA = 6.0
-DEFAULT_MU = 3.0
+AUGMENTATIONS = ("none", "crop_flip", "crop")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +28,13 @@ class DataConfig:
     data_dir: str | None = None
     max_train: int | None = None  # keep the first N training points (quick looks, tests)
     max_test: int | None = None
-    augment: str | None = None  # none | crop_flip | crop; None: the data set's official one
+    augment: str | None = None  # none | crop_flip | crop
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     arch: str = "cnn1"
-    dropout: float | None = None  # None: the architecture's official rate (CNN1 .5, CNN2 .5, WRN 0)
+    dropout: float | None = None  # 0 turns it off
     wrn_depth: int = 40
     wrn_width: int = 10
     dtype: str = "float32"  # compute dtype; parameters stay float32
@@ -43,21 +44,18 @@ class ModelConfig:
 class AttackConfig:
     """l_inf PGD for training (AT, RST, TRADES) and evaluation; sizes in pixel units."""
 
-    eps: float | None = None  # None: the data set's default
+    eps: float | None = None
     steps: int = 10
-    step_size: float | None = None  # None: eps / 5, as the official code
+    step_size: float | None = None  # official: eps / 5
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     method: str = "natural"
     variant: str = "official"
-    beta: float | None = None  # TRADES
-    lam: float | None = None  # GR, LLR, RST
-    mu: float | None = None  # LLR
-    gr_h: float = 1.0  # GR's finite-difference step
-    llr_steps: int = 2
-    # None below: the official setting of the data set (train.official_schedule).
+    # The method's hyperparameters as sorted (name, value) pairs, e.g. (("beta", 6.0),);
+    # the method registry (methods.py) names them and gives their defaults.
+    hparams: tuple[tuple[str, float], ...] = ()
     epochs: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None  # sgd | adam
@@ -66,14 +64,48 @@ class TrainConfig:
     milestones: tuple[int, ...] | None = None  # epochs after which lr is multiplied by 0.1
     seed: int = 0
 
+    def hparam(self, name: str) -> float:
+        return dict(self.hparams)[name]
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 256
     lipschitz_steps: int = 10
-    lipschitz_step_size: float = 0.003
+    lipschitz_step_size: float = 0.003  # the official step, whatever eps is
     lipschitz_restarts: int = 1  # of the ascent estimate
-    train_metrics: bool = True  # also evaluate adv acc and lipschitz on the training set
+    train_eval_size: int | None = None  # training points evaluated at the end; None: all
+    curve_size: int = 512  # test points of the per-epoch clean / PGD accuracy (metrics.jsonl)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedConfig:
+    """How the program is computed, never what: every option gives the same values up to float
+    rounding. None: the backend's default (recipes.default_speed). Measured in BUILD_NOTES.md.
+
+      pool_grad            'corners': layers.max_pool_2x2's custom VJP; 'autodiff': the
+                           reshape-and-max left to autodiff
+      first_conv_grad      'overlap_add': layers.small_input_conv (the first conv's input
+                           gradient as one matmul and an overlap-add); 'xla'
+      channel_sums         'dot': BatchNorm's per-channel sums as ones-vector dots; 'reduce'
+      conv_bias_after_pool CNN1's conv2 bias added after the pool (pool(z) + b = pool(z + b))
+      attack_unroll        every PGD / lipschitz loop unrolled inside the jitted program
+    """
+
+    pool_grad: str | None = None
+    first_conv_grad: str | None = None
+    channel_sums: str | None = None
+    conv_bias_after_pool: bool | None = None
+    attack_unroll: bool | None = None
+
+
+SPEED_CHOICES = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
+                 "channel_sums": ("dot", "reduce"), "conv_bias_after_pool": (True, False),
+                 "attack_unroll": (True, False)}
+# The plain JAX forms: what a model computes when nobody chose otherwise (notebooks, GPU/TPU).
+PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False)
+# Every CPU lever on: measured faster on XLA:CPU (BUILD_NOTES.md, "Speed").
+CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,66 +115,94 @@ class RunConfig:
     attack: AttackConfig = AttackConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    speed: SpeedConfig = SpeedConfig()
     checkpoint_every: int = 500  # steps; also at each epoch's end
     keep_checkpoints: int = 2
     log_every: int = 50  # steps
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-able dict; `train.hparams` becomes a {name: value} dict."""
+        d = dataclasses.asdict(self)
+        d["train"]["hparams"] = dict(self.train.hparams)
+        return d
+
+
+def from_dict(d: dict) -> RunConfig:
+    """The inverse of `RunConfig.to_dict` (lists back to tuples); unknown keys are refused."""
+
+    def build(cls, values: dict):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(names)
+        if unknown:
+            raise UserError(f"unknown config settings {sorted(unknown)} for {cls.__name__}")
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            if name == "hparams":
+                value = tuple(sorted((k, v) for k, v in value.items()))
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    sections = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig,
+                "train": TrainConfig, "eval": EvalConfig, "speed": SpeedConfig}
+    top = {k: build(sections[k], v) if k in sections else v for k, v in d.items()}
+    unknown = set(top) - {f.name for f in dataclasses.fields(RunConfig)}
+    if unknown:
+        raise UserError(f"unknown config settings {sorted(unknown)}")
+    return RunConfig(**top)
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                  and value > 0):
+        raise UserError(f"{name} must be a positive number, got {value}")
+
+
+def _at_least_one(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name} must be at least 1, got {value}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value is not None and value not in choices:
+        raise UserError(f"unknown {name} {value!r}; choose one of "
+                        f"{', '.join(str(c) for c in choices)}")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Raises UserError naming the first bad value."""
-    t, a, m = cfg.train, cfg.attack, cfg.model
-    if t.method not in METHODS:
-        raise UserError(f"unknown method {t.method!r}; choose one of {', '.join(METHODS)}")
-    if t.variant not in VARIANTS:
-        raise UserError(f"unknown variant {t.variant!r}; choose official or paper")
-    if m.arch not in ARCHS:
-        raise UserError(f"unknown arch {m.arch!r}; choose one of {', '.join(ARCHS)}")
-    if cfg.data.augment not in (None, "none", "crop_flip", "crop"):
-        raise UserError(f"unknown augment {cfg.data.augment!r}; choose none, crop_flip or crop")
-    if m.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"unknown dtype {m.dtype!r}; choose float32 or bfloat16")
-    if t.optimizer not in (None, "sgd", "adam"):
-        raise UserError(f"unknown optimizer {t.optimizer!r}; choose sgd or adam")
-    for name, value in (("eps", a.eps), ("attack_step_size", a.step_size), ("lr", t.lr)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UserError(f"{name} must be a positive number, got {value}")
-    for name, value in (("beta", t.beta), ("lam", t.lam), ("mu", t.mu)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise UserError(f"{name} must be a non-negative number, got {value}")
-    if m.dropout is not None and not 0 <= m.dropout < 1:
+    """Checks every value that does not depend on the data set or the method registry;
+    raises UserError naming the first bad one."""
+    t, a, m, e = cfg.train, cfg.attack, cfg.model, cfg.eval
+    _choice("variant", t.variant, VARIANTS)
+    _choice("arch", m.arch, ARCHS)
+    _choice("augment", cfg.data.augment, AUGMENTATIONS)
+    _choice("dtype", m.dtype, DTYPES)
+    _choice("optimizer", t.optimizer, OPTIMIZERS)
+    for field, choices in SPEED_CHOICES.items():
+        _choice(field, getattr(cfg.speed, field), choices)
+    for name, value in (("eps", a.eps), ("attack_step_size", a.step_size), ("lr", t.lr),
+                        ("lipschitz_step_size", e.lipschitz_step_size)):
+        _positive(name, value)
+    if a.eps is not None and a.eps > 1:
+        raise UserError(f"eps {a.eps} is larger than the whole pixel range [0, 1]: every "
+                        f"image could become any other; pixels are in [0, 1], not [0, 255]")
+    if m.dropout is not None and not (math.isfinite(m.dropout) and 0 <= m.dropout < 1):
         raise UserError(f"dropout must be in [0, 1), got {m.dropout}")
-    for name, value in (("epochs", 1 if t.epochs is None else t.epochs),
-                        ("batch_size", 1 if t.batch_size is None else t.batch_size),
-                        ("attack_steps", a.steps), ("eval batch size", cfg.eval.batch_size),
+    for name, value in (("epochs", t.epochs), ("batch_size", t.batch_size),
+                        ("attack_steps", a.steps), ("eval_batch_size", e.batch_size),
                         ("checkpoint_every", cfg.checkpoint_every),
-                        ("keep_checkpoints", cfg.keep_checkpoints),
-                        ("log_every", cfg.log_every),
-                        ("lipschitz_restarts", cfg.eval.lipschitz_restarts),
-                        ("lipschitz_steps", cfg.eval.lipschitz_steps),
-                        ("max_train", 1 if cfg.data.max_train is None else cfg.data.max_train),
-                        ("max_test", 1 if cfg.data.max_test is None else cfg.data.max_test),
-                        ("wrn_width", m.wrn_width), ("llr_steps", t.llr_steps)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
+                        ("keep_checkpoints", cfg.keep_checkpoints), ("log_every", cfg.log_every),
+                        ("lipschitz_restarts", e.lipschitz_restarts),
+                        ("lipschitz_steps", e.lipschitz_steps),
+                        ("train_eval_size", e.train_eval_size), ("curve_size", e.curve_size),
+                        ("max_train", cfg.data.max_train), ("max_test", cfg.data.max_test),
+                        ("wrn_width", m.wrn_width)):
+        _at_least_one(name, value)
     if t.momentum is not None and not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
         raise UserError(f"momentum must be in [0, 1), got {t.momentum}")
     if t.seed < 0:
         raise UserError(f"seed must be non-negative, got {t.seed}")
-    if not (math.isfinite(cfg.eval.lipschitz_step_size) and cfg.eval.lipschitz_step_size > 0):
-        raise UserError(f"lipschitz step size must be positive, got "
-                        f"{cfg.eval.lipschitz_step_size}")
-    if not (math.isfinite(t.gr_h) and t.gr_h > 0):
-        raise UserError(f"gr_h must be positive, got {t.gr_h}")
     ms = t.milestones or ()
-    if any(m < 1 for m in ms) or list(ms) != sorted(ms):
+    if any(v < 1 for v in ms) or list(ms) != sorted(ms):
         raise UserError(f"milestones must be increasing positive epochs, got {t.milestones}")
-
-
-def resolve_eps(cfg: RunConfig, default_eps: float) -> tuple[float, float]:
-    """(eps, step size) of the run: flags if given, else the data set's eps and eps / 5."""
-    eps = cfg.attack.eps if cfg.attack.eps is not None else default_eps
-    step = cfg.attack.step_size if cfg.attack.step_size is not None else eps / 5
-    return float(eps), float(step)

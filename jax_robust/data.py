@@ -16,7 +16,7 @@ Sources (name -> where the data come from):
                  training (random 64x64 crops with padding 8 are taken on the device) and
                  the centre 64x64 for testing.
 
-Each source also gives its data set's default eps (l_inf attack radius, pixel units).
+A data set's official settings (eps, schedule, augmentation) are in recipes.py.
 """
 
 from __future__ import annotations
@@ -37,20 +37,12 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-# digits: the smallest train-train l_inf distance to another label is 7/16 = 0.4375
-# (see README, "Separation"), so any eps below 0.21875 keeps the data eps-separated;
-# 0.1 (as for MNIST) leaves a factor 2.2 of margin.
-DEFAULT_EPS = {"digits": 0.1, "mnist": 0.1, "fashion_mnist": 0.1, "cifar10": 0.031, "svhn": 0.031,
-               "restricted_imagenet": 0.005}
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a data set is: `levels` is the number of grey steps (pixel = k / levels)."""
 
     name: str
     num_classes: int
-    eps: float
     levels: int
     image_shape: tuple[int, int, int]
 
@@ -77,7 +69,6 @@ def _make(name: str, x_train, y_train, x_test, y_test, levels: int, num_classes:
     info = DatasetInfo(
         name=name,
         num_classes=num_classes,
-        eps=DEFAULT_EPS[name],
         levels=levels,
         image_shape=tuple(int(d) for d in x_test.shape[1:]),
     )

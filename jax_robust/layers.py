@@ -1,35 +1,30 @@
-"""Layer primitives with hand-written gradients that XLA:CPU runs slowly when left to autodiff.
+"""Layers whose computation has a speed option (config.SpeedConfig): same values, other programs.
 
-Each one computes exactly the values of its plain JAX form; the work is rearranged, mostly in
-the backward pass (measured in BUILD_NOTES.md, "Speed against PyTorch eager"):
-  max_pool_2x2     2x2/2 max-pool as the max of the four window corners; its backward is a
-                   tie count and one select (+6% on CNN2's AT step over autodiff of a
-                   reshape-and-max). Ties share the gradient evenly, as JAX's own
-                   reduce-max gradient does.
-  small_input_conv `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: a
-                   stride-1 conv with at most 4 input channels (a network's first layer) gets
-                   its input gradient as one matmul plus an overlap-add of the kh*kw taps;
-                   XLA:CPU's backward-input convolution is ~3x slower with 1-3 output channels.
-                   On other backends, and for any other conv, it is `conv_general_dilated`.
-  sum_leading,     per-channel sums over [n, h, w] and the matching broadcast, each the
-  broadcast_leading  other's gradient, as ones-vector dots on CPU (XLA:CPU's reduce-window
-                   runs them ~10x slower); models.BatchNorm is built on them.
+Each option computes exactly the values of the plain JAX form; the work is rearranged, mostly
+in the backward pass, where XLA:CPU is slow when left to autodiff (measured in BUILD_NOTES.md):
+  max_pool_2x2      2x2/2 max-pool as the max of the four window corners, with a custom VJP
+                    (a tie count and one select); ties share the gradient evenly, as JAX's
+                    reduce-max gradient does. `pool_2x2(x, "autodiff")` is the plain form.
+  small_input_conv  `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: a
+                    stride-1 conv with at most 4 input channels (a network's first layer) gets
+                    its input gradient as one matmul plus an overlap-add of the kh*kw taps.
+  sum_leading,      per-channel sums over [n, h, w] and the matching broadcast, each the
+  broadcast_leading   other's gradient, as ones-vector dots ("dot") or XLA reduces ("reduce").
+  BatchNorm         `nn.BatchNorm`'s variables and formulas on top of those sums.
+  ConvPool          CNN1's conv2 + pool, the bias added before or after the pool.
 Layout: NHWC activations, HWIO kernels (Flax's).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _on_cpu() -> bool:
-    """Whether traced programs run on XLA:CPU, where these rewrites were measured."""
-    return jax.default_backend() == "cpu"
 
 
 def _windows(x: jax.Array) -> jax.Array:
@@ -70,6 +65,16 @@ def _max_pool_bwd(res, g):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def pool_2x2(x: jax.Array, grad: str) -> jax.Array:
+    """2x2/2 max-pool of x [n, h, w, c]; grad 'corners' (max_pool_2x2's custom VJP) or
+    'autodiff' (reshape-and-max, JAX's own gradient). Same values and gradients."""
+    if grad == "corners":
+        return max_pool_2x2(x)
+    if grad == "autodiff":
+        return _windows(x).max(axis=(2, 4))
+    raise ValueError(f"unknown pool_grad {grad!r}")
 
 
 def _conv(x, w, pads):
@@ -122,12 +127,12 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
                      precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated`, with the overlap-add input gradient where it is faster.
 
-    Taken when: the CPU backend, NHWC/HWIO, stride 1, no dilation or groups, at most 4 input
-    channels, every pad within [0, kernel size). Same values; the input gradient differs from
-    XLA's by float rounding only.
+    Taken when: NHWC/HWIO, stride 1, no dilation or groups, at most 4 input channels, every
+    pad within [0, kernel size). Same values; the input gradient differs from XLA's by float
+    rounding only.
     """
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    fits = (_on_cpu() and lhs.ndim == 4 and rhs.shape[2] <= 4
+    fits = (lhs.ndim == 4 and rhs.shape[2] <= 4
             and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
             and tuple(window_strides) == (1, 1) and feature_group_count == 1
             and batch_group_count == 1 and precision is None
@@ -145,11 +150,18 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
         preferred_element_type=preferred_element_type)
 
 
+def first_conv_fn(grad: str) -> Callable | None:
+    """`nn.Conv`'s conv_general_dilated for a first conv: grad 'overlap_add' or 'xla'."""
+    if grad not in ("overlap_add", "xla"):
+        raise ValueError(f"unknown first_conv_grad {grad!r}")
+    return small_input_conv if grad == "overlap_add" else None
+
+
 # ----------------------------------------------------------------------------- channel sums
 # XLA:CPU reduces [n, h, w, c] over n, h, w (BatchNorm statistics, bias and scale gradients)
-# at ~1 GB/s as a reduce-window: 38 ms for [128, 32, 32, 64], a tenth of a WRN step's time.
-# The same sum as a ones-vector dot runs at memory speed. Both functions below are exact
-# sums/broadcasts whose gradients are each other, so the backward passes get dots too.
+# as a slow reduce-window; the same sum as a ones-vector dot runs at memory speed. Both
+# functions below are exact sums/broadcasts whose gradients are each other, so the backward
+# passes get dots too.
 
 
 def _dot_sum(x: jax.Array) -> jax.Array:
@@ -192,15 +204,80 @@ def _broadcast_leading_bwd(shape, _, g):
 _broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
 
 
-def sum_leading(x: jax.Array) -> jax.Array:
-    """x [..., c] -> [c]: the sum over all leading axes (a dot on CPU, `jnp.sum` elsewhere)."""
-    if not _on_cpu():
+def sum_leading(x: jax.Array, impl: str) -> jax.Array:
+    """x [..., c] -> [c]: the sum over all leading axes, impl 'dot' or 'reduce'."""
+    if impl == "reduce":
         return x.reshape(-1, x.shape[-1]).sum(axis=0)
     return _sum_leading(x, x.shape)
 
 
-def broadcast_leading(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """v [c] -> `shape` [..., c]; its gradient is `sum_leading` (a dot on CPU)."""
-    if not _on_cpu():
+def broadcast_leading(v: jax.Array, shape: tuple[int, ...], impl: str) -> jax.Array:
+    """v [c] -> `shape` [..., c]; its gradient is `sum_leading(., impl)`."""
+    if impl == "reduce":
         return jnp.broadcast_to(v, shape)
     return _broadcast_leading(v, tuple(shape))
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class BatchNorm(nn.Module):
+    """`nn.BatchNorm` over every axis but the last, with the same variables and formulas.
+
+    Parameters `scale`, `bias`; `batch_stats` `mean`, `var`. Train mode normalises with the
+    batch mean and biased variance (E[x^2] - E[x]^2, as Flax) and updates the running ones
+    (running = momentum * running + (1 - momentum) * batch). Per-channel sums by
+    `sum_leading(., channel_sums)`. Statistics in float32 whatever `dtype` is.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    channel_sums: str = "reduce"
+
+    @nn.compact
+    def __call__(self, x):
+        c, impl = x.shape[-1], self.channel_sums
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            count = x.size // c
+            mean = sum_leading(xf, impl) / count
+            var = jnp.maximum(sum_leading(xf * xf, impl) / count - mean * mean, 0.0)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (xf - broadcast_leading(mean, x.shape, impl)) * broadcast_leading(mul, x.shape, impl)
+        return (y + broadcast_leading(bias, x.shape, impl)).astype(self.dtype)
+
+
+class ConvPool(nn.Module):
+    """VALID 3x3 conv then 2x2 max-pool, parameters `kernel` [3, 3, C, features] and `bias`
+    [features] as an `nn.Conv`'s. `bias_after_pool`: pool(conv) + b in place of
+    pool(conv + b), equal bit for bit (a per-channel constant commutes with max and rounding
+    is monotone); the bias gradient then sums the 4x smaller pooled map.
+    """
+
+    features: int
+    kernel_init: Callable
+    bias_init: Callable
+    bias_after_pool: bool
+    pool_grad: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+        if self.bias_after_pool:
+            return pool_2x2(y, self.pool_grad) + bias
+        return pool_2x2(y + bias, self.pool_grad)

@@ -1,7 +1,8 @@
 """Flax (Linen) classifiers of the paper, NHWC inputs in [0, 1], raw logits out.
 
 Every module takes `train: bool` explicitly (dropout on, BatchNorm batch statistics) and has
-its dropout rate as a field (0 turns it off). Layers and initialisation follow the official
+its dropout rate as a field (0 turns it off), and its speed options (config.SpeedConfig,
+layers.py) as the field `speed`: they change how it is computed, never the values. Layers and initialisation follow the official
 PyTorch code (OFFICIAL_CODE.md, section 2):
   CNN1        conv32-relu-conv64-pool-dropout2d(p/2)-dense128-relu-dropout(p)-dense; p=.5
   CNN2        TRADES' SmallCNN; conv kaiming-normal, last layer zero; dropout .5
@@ -20,9 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_robust.config import PLAIN_SPEED, SpeedConfig
 from jax_robust.errors import UserError
-from jax_robust.layers import (NHWC, broadcast_leading, max_pool_2x2, small_input_conv,
-                               sum_leading)
+from jax_robust.layers import BatchNorm, ConvPool, first_conv_fn, pool_2x2
 
 # PyTorch's default Linear/Conv init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -56,33 +57,13 @@ class TorchDense(nn.Module):
         return nn.Dense(self.features, kernel_init=k_init, bias_init=b_init, dtype=self.dtype)(x)
 
 
-class ConvPoolBias(nn.Module):
-    """VALID 3x3 conv, 2x2 max-pool, then the bias: pool(conv + b) computed as pool(conv) + b.
-
-    The two are equal bit for bit (adding a per-channel constant commutes with max, and
-    rounding is monotone); this order sums the bias gradient over the 4x smaller pooled map.
-    Parameters `kernel` [3, 3, C, features] and `bias` [features], as an `nn.Conv`'s.
-    """
-
-    features: int
-    bias_fan_in: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", torch_kernel_init, (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", torch_bias_init(self.bias_fan_in), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
-        return max_pool_2x2(y) + bias
-
-
 class CNN1(nn.Module):
     """Official `CNN001` (PyTorch's MNIST example net). Needs inputs of at least 6x6."""
 
     num_classes: int = 10
     dropout: float = 0.5  # the dense dropout; the conv dropout (channel-wise) is dropout / 2
     dtype: Any = jnp.float32
+    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -90,10 +71,13 @@ class CNN1(nn.Module):
         c_in = x.shape[-1]
         x = nn.Conv(32, (3, 3), padding="VALID", kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(9 * c_in), dtype=self.dtype,
-                    conv_general_dilated=small_input_conv)(x)
+                    conv_general_dilated=first_conv_fn(self.speed.first_conv_grad))(x)
         x = nn.relu(x)
-        # No ReLU after the second conv, as in the official net.
-        x = ConvPoolBias(64, 9 * 32, self.dtype, name="Conv_1")(x)
+        # No ReLU after the second conv, as in the official net. Named as the nn.Conv it
+        # replaces: the same parameter path, so the same initial values.
+        x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
+                     self.speed.conv_bias_after_pool, self.speed.pool_grad, self.dtype,
+                     name="Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -107,17 +91,19 @@ class CNN2(nn.Module):
     num_classes: int = 10
     dropout: float = 0.5
     dtype: Any = jnp.float32
+    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         for i, features in enumerate((32, 32, 64, 64)):
+            conv_fn = first_conv_fn(self.speed.first_conv_grad) if i == 0 else None
             x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=kaiming_normal_fan_in,
                         bias_init=nn.initializers.zeros, dtype=self.dtype,
-                        conv_general_dilated=small_input_conv if i == 0 else None)(x)
+                        conv_general_dilated=conv_fn)(x)
             x = nn.relu(x)
             if i % 2 == 1:
-                x = max_pool_2x2(x)
+                x = pool_2x2(x, self.speed.pool_grad)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(200, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -126,46 +112,10 @@ class CNN2(nn.Module):
             jnp.float32)
 
 
-class BatchNorm(nn.Module):
-    """`nn.BatchNorm` over every axis but the last, with the same variables and formulas.
-
-    Parameters `scale`, `bias`; `batch_stats` `mean`, `var`. Train mode normalises with the
-    batch mean and biased variance (E[x^2] - E[x]^2, as Flax) and updates the running ones
-    (running = momentum * running + (1 - momentum) * batch). The per-channel sums and their
-    gradients go through `layers.sum_leading` / `broadcast_leading`: dots on CPU, where XLA's
-    reductions over [n, h, w] are ~10x slower. Statistics in float32 whatever `dtype` is.
-    """
-
-    use_running_average: bool
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            count = x.size // c
-            mean = sum_leading(xf) / count
-            var = jnp.maximum(sum_leading(xf * xf) / count - mean * mean, 0.0)
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        mul = jax.lax.rsqrt(var + self.epsilon) * scale
-        y = (xf - broadcast_leading(mean, x.shape)) * broadcast_leading(mul, x.shape)
-        return (y + broadcast_leading(bias, x.shape)).astype(self.dtype)
-
-
-def _batch_norm(train: bool, dtype) -> BatchNorm:
+def _batch_norm(train: bool, dtype, speed: SpeedConfig) -> BatchNorm:
     # PyTorch defaults: momentum 0.1 (Flax 0.9), eps 1e-5.
-    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                     channel_sums=speed.channel_sums)
 
 
 def _conv(features, kernel, stride=1, pad=None, dtype=jnp.float32, name=None):
@@ -182,14 +132,15 @@ class WRNBlock(nn.Module):
     stride: int
     dropout: float
     dtype: Any = jnp.float32
+    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
         equal = x.shape[-1] == self.features
-        act = nn.relu(_batch_norm(train, self.dtype)(x))
+        act = nn.relu(_batch_norm(train, self.dtype, self.speed)(x))
         shortcut = x if equal else _conv(self.features, 1, self.stride, 0, self.dtype)(act)
         y = _conv(self.features, 3, self.stride, 1, self.dtype)(act)
-        y = nn.relu(_batch_norm(train, self.dtype)(y))
+        y = nn.relu(_batch_norm(train, self.dtype, self.speed)(y))
         if self.dropout > 0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = _conv(self.features, 3, 1, 1, self.dtype)(y)
@@ -204,6 +155,7 @@ class WideResNet(nn.Module):
     width: int = 10
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -212,8 +164,8 @@ class WideResNet(nn.Module):
         for group, stride in enumerate((1, 2, 2)):
             for i in range(n):
                 x = WRNBlock(16 * self.width * 2**group, stride if i == 0 else 1,
-                             self.dropout, self.dtype)(x, train)
-        x = nn.relu(_batch_norm(train, self.dtype)(x))
+                             self.dropout, self.dtype, self.speed)(x, train)
+        x = nn.relu(_batch_norm(train, self.dtype, self.speed)(x))
         x = x.mean(axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=torch_kernel_init,
                         bias_init=nn.initializers.zeros, dtype=self.dtype)(x).astype(jnp.float32)
@@ -226,18 +178,19 @@ class Bottleneck(nn.Module):
     stride: int
     dropout: float
     dtype: Any = jnp.float32
+    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
         out_features = 4 * self.features
-        y = nn.relu(_batch_norm(train, self.dtype)(_conv(self.features, 1, 1, 0, self.dtype)(x)))
+        y = nn.relu(_batch_norm(train, self.dtype, self.speed)(_conv(self.features, 1, 1, 0, self.dtype)(x)))
         y = _conv(self.features, 3, self.stride, 1, self.dtype)(y)
-        y = nn.relu(_batch_norm(train, self.dtype)(y))
+        y = nn.relu(_batch_norm(train, self.dtype, self.speed)(y))
         if self.dropout > 0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = _batch_norm(train, self.dtype)(_conv(out_features, 1, 1, 0, self.dtype)(y))
+        y = _batch_norm(train, self.dtype, self.speed)(_conv(out_features, 1, 1, 0, self.dtype)(y))
         if self.stride != 1 or x.shape[-1] != out_features:
-            x = _batch_norm(train, self.dtype)(
+            x = _batch_norm(train, self.dtype, self.speed)(
                 _conv(out_features, 1, self.stride, 0, self.dtype)(x))
         return nn.relu(x + y)
 
@@ -249,16 +202,17 @@ class ResNet50(nn.Module):
     dropout: float = 0.0
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
     dtype: Any = jnp.float32
+    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = _conv(64, 7, 2, 3, self.dtype)(x.astype(self.dtype))
-        x = nn.relu(_batch_norm(train, self.dtype)(x))
+        x = nn.relu(_batch_norm(train, self.dtype, self.speed)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for i in range(blocks):
                 x = Bottleneck(64 * 2**stage, 2 if (i == 0 and stage > 0) else 1,
-                               self.dropout if i > 0 else 0.0, self.dtype)(x, train)
+                               self.dropout if i > 0 else 0.0, self.dtype, self.speed)(x, train)
         x = x.mean(axis=(1, 2))
         return TorchDense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -267,8 +221,6 @@ class Linear(nn.Module):
     """Logits = W flatten(x) + b; for tests with closed-form answers."""
 
     num_classes: int = 10
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -276,7 +228,6 @@ class Linear(nn.Module):
         return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
-OFFICIAL_DROPOUT = {"cnn1": 0.5, "cnn2": 0.5, "wrn": 0.0, "resnet50": 0.0, "linear": 0.0}
 MIN_SIZE = {"cnn1": 6, "cnn2": 16, "wrn": 8, "resnet50": 32, "linear": 1}
 
 
@@ -291,25 +242,24 @@ def check_input_size(arch: str, image_shape: tuple[int, int, int]) -> None:
         )
 
 
-def build_model(arch: str, num_classes: int, image_shape: tuple[int, int, int],
-                dropout: float | None = None, wrn_depth: int = 40, wrn_width: int = 10,
-                dtype: str = "float32") -> nn.Module:
-    """The Flax module for `arch`; `dropout` None means the official rate."""
-    if arch not in OFFICIAL_DROPOUT:
-        raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(OFFICIAL_DROPOUT)}")
+def build_model(arch: str, num_classes: int, image_shape: tuple[int, int, int], *,
+                dropout: float, wrn_depth: int = 40, wrn_width: int = 10,
+                dtype: str = "float32", speed: SpeedConfig = PLAIN_SPEED) -> nn.Module:
+    """The Flax module for `arch` (config.ARCHS) on images of `image_shape` (H, W, C)."""
+    if arch not in MIN_SIZE:
+        raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(MIN_SIZE)}")
     check_input_size(arch, image_shape)
-    p = OFFICIAL_DROPOUT[arch] if dropout is None else dropout
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     if arch == "cnn1":
-        return CNN1(num_classes, p, dt)
+        return CNN1(num_classes, dropout, dt, speed)
     if arch == "cnn2":
-        return CNN2(num_classes, p, dt)
+        return CNN2(num_classes, dropout, dt, speed)
     if arch == "wrn":
         if (wrn_depth - 4) % 6 or wrn_depth < 10 or wrn_width < 1:
             raise UserError(f"WideResNet depth must be 6n+4 (n >= 1), got {wrn_depth}")
-        return WideResNet(num_classes, wrn_depth, wrn_width, p, dt)
+        return WideResNet(num_classes, wrn_depth, wrn_width, dropout, dt, speed)
     if arch == "resnet50":
-        return ResNet50(num_classes, p, dtype=dt)
+        return ResNet50(num_classes, dropout, dtype=dt, speed=speed)
     return Linear(num_classes)
 
 

@@ -1,4 +1,5 @@
-"""The six training objectives of the paper, one function each, one signature.
+"""The six training objectives of the paper, one function each, one signature (methods.py
+registers them by name):
 
     objective(model_fn, params, model_state, batch, key, hp) -> (loss, (model_state, metrics))
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -39,17 +41,30 @@ from jax_robust.attacks import cross_entropy, pgd_attack
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveParams:
-    """Hyperparameters of an objective (static under jit). Sizes in pixel units."""
+    """What an objective needs of the run (static under jit). Sizes in pixel units.
+
+    hparams: the method's resolved hyperparameters as sorted (name, value) pairs (methods.py
+    declares them); read one with hp["lam"]. unroll: unroll the attack loops (a speed option).
+    """
 
     eps: float
     step_size: float  # PGD step of AT, RST, TRADES
-    steps: int = 10
-    beta: float = 6.0  # TRADES
-    lam: float = 1.0  # GR lambda, LLR lambda, RST lambda
-    mu: float = 3.0  # LLR
-    gr_h: float = 1.0  # GR finite-difference step
-    llr_steps: int = 2
-    variant: str = "official"
+    steps: int
+    variant: str
+    hparams: tuple[tuple[str, float], ...]
+    unroll: bool
+
+    def __getitem__(self, name: str) -> float:
+        return dict(self.hparams)[name]
+
+
+def unpack_batch(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x [B, H, W, C], y [B] int, mask [B]) of a batch, shapes asserted."""
+    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    chex.assert_rank(x, 4)
+    chex.assert_shape([y, mask], (x.shape[0],))
+    chex.assert_type(y, int)
+    return x, y, mask
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -89,19 +104,20 @@ def _ce_pgd(model_fn, params, state, x, y, key, hp, train_mode: bool):
         return cross_entropy(logits, y), (st, k)
 
     x_adv, (state, _) = pgd_attack(loss, x, init_key, eps=hp.eps, steps=hp.steps,
-                                   step_size=hp.step_size, aux=(state, drop_key))
+                                   step_size=hp.step_size, aux=(state, drop_key),
+                                   unroll=hp.unroll)
     return x_adv, jax.lax.stop_gradient(state)
 
 
 def natural_objective(model_fn, params, state, batch, key, hp):
-    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    x, y, mask = unpack_batch(batch)
     logits, state = model_fn(params, state, x, True, key)
     loss = masked_mean(cross_entropy(logits, y), mask)
     return loss, (state, _metrics(loss, logits, y, mask))
 
 
 def at_objective(model_fn, params, state, batch, key, hp):
-    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    x, y, mask = unpack_batch(batch)
     attack_key, key = jax.random.split(key)
     x_adv, state = _ce_pgd(model_fn, params, state, x, y, attack_key, hp,
                            train_mode=hp.variant == "official")
@@ -111,19 +127,19 @@ def at_objective(model_fn, params, state, batch, key, hp):
 
 
 def rst_objective(model_fn, params, state, batch, key, hp):
-    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    x, y, mask = unpack_batch(batch)
     attack_key, k_adv, k_nat = jax.random.split(key, 3)
     x_adv, state = _ce_pgd(model_fn, params, state, x, y, attack_key, hp,
                            train_mode=hp.variant == "official")
     logits_adv, state = model_fn(params, state, x_adv, True, k_adv)  # official order: adv first
     logits, state = model_fn(params, state, x, True, k_nat)
-    per_example = cross_entropy(logits, y) + hp.lam * cross_entropy(logits_adv, y)
+    per_example = cross_entropy(logits, y) + hp["lam"] * cross_entropy(logits_adv, y)
     loss = masked_mean(per_example, mask)
     return loss, (state, _metrics(loss, logits, y, mask))
 
 
 def trades_objective(model_fn, params, state, batch, key, hp):
-    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    x, y, mask = unpack_batch(batch)
     attack_key, k1, k2, k3 = jax.random.split(key, 4)
     frozen = jax.lax.stop_gradient(params)
     clean_eval, _ = model_fn(frozen, state, x, False, None)
@@ -132,14 +148,15 @@ def trades_objective(model_fn, params, state, batch, key, hp):
         return kl_divergence(clean_eval, model_fn(frozen, state, xa, False, None)[0])
 
     x_adv = pgd_attack(kl_to_clean, x, attack_key, eps=hp.eps, steps=hp.steps,
-                       step_size=hp.step_size, init="normal", init_scale=0.001)
+                       step_size=hp.step_size, init="normal", init_scale=0.001,
+                       unroll=hp.unroll)
     logits, state = model_fn(params, state, x, True, k1)
     logits_adv, state = model_fn(params, state, x_adv, True, k2)
     if hp.variant == "official":
         logits_kl, state = model_fn(params, state, x, True, k3)
     else:
         logits_kl = logits
-    per_example = cross_entropy(logits, y) + hp.beta * kl_divergence(logits_kl, logits_adv)
+    per_example = cross_entropy(logits, y) + hp["beta"] * kl_divergence(logits_kl, logits_adv)
     loss = masked_mean(per_example, mask)
     return loss, (state, _metrics(loss, logits, y, mask))
 
@@ -157,16 +174,16 @@ def _ce_and_input_grad(model_fn, params, state, x, y, mask, key, train_mode):
 
 
 def gr_objective(model_fn, params, state, batch, key, hp):
-    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    x, y, mask = unpack_batch(batch)
     k1, k2 = jax.random.split(key)
     losses, grad_x, logits, state = _ce_and_input_grad(model_fn, params, state, x, y, mask, k1,
                                                        train_mode=True)
     norm = jnp.sqrt(_flat_dot(grad_x, grad_x)).reshape((-1,) + (1,) * (x.ndim - 1))
     v = jax.lax.stop_gradient(jnp.where(norm > 0, grad_x / jnp.where(norm > 0, norm, 1.0),
                                         grad_x))
-    logits_f, state = model_fn(params, state, x + hp.gr_h * v, True, k2)
-    diff = (cross_entropy(logits_f, y) - losses) / hp.gr_h
-    loss = masked_mean(losses + 0.5 * hp.lam * diff**2, mask)
+    logits_f, state = model_fn(params, state, x + hp["gr_h"] * v, True, k2)
+    diff = (cross_entropy(logits_f, y) - losses) / hp["gr_h"]
+    loss = masked_mean(losses + 0.5 * hp["lam"] * diff**2, mask)
     if hp.variant == "official":  # the CE's parameter gradient is accumulated twice
         ce_term = masked_mean(losses, mask)
         loss_for_grad = loss + ce_term - jax.lax.stop_gradient(ce_term)
@@ -176,15 +193,15 @@ def gr_objective(model_fn, params, state, batch, key, hp):
 
 
 def _llr_delta(x, key, hp, loss_of_adv: Callable):
-    """delta from `hp.llr_steps` l_inf-normalised ascent steps of eps/2 on `loss_of_adv`."""
-    x_adv = pgd_attack(loss_of_adv, x, key, eps=hp.eps, steps=hp.llr_steps,
+    """delta from `hp["llr_steps"]` l_inf-normalised ascent steps of eps/2 on `loss_of_adv`."""
+    x_adv = pgd_attack(loss_of_adv, x, key, eps=hp.eps, steps=hp["llr_steps"],
                        step_size=hp.eps / 2, init="normal", init_scale=0.001,
-                       update="linf_normalized", project="rescale")
+                       update="linf_normalized", project="rescale", unroll=hp.unroll)
     return x_adv - x
 
 
 def llr_objective(model_fn, params, state, batch, key, hp):
-    x, y, mask = batch["x"], batch["y"], batch["mask"]
+    x, y, mask = unpack_batch(batch)
     attack_key, k1, k2 = jax.random.split(key, 3)
     frozen = jax.lax.stop_gradient(params)
 
@@ -196,7 +213,7 @@ def llr_objective(model_fn, params, state, batch, key, hp):
         delta = _llr_delta(x, attack_key, hp, eval_ce)
         logits, state = model_fn(params, state, x, True, k1)
         logits_d, state = model_fn(params, state, x + delta, True, k2)
-        per_example = cross_entropy(logits, y) + hp.lam * cross_entropy(logits_d, y)
+        per_example = cross_entropy(logits, y) + hp["lam"] * cross_entropy(logits_d, y)
         loss = masked_mean(per_example, mask)
         return loss, (state, _metrics(loss, logits, y, mask))
 
@@ -214,16 +231,6 @@ def llr_objective(model_fn, params, state, batch, key, hp):
     logits_d, state = model_fn(params, state, x + delta, True, k1)
     dot = _flat_dot(delta, grad_x)
     g = jnp.abs(cross_entropy(logits_d, y) - losses - dot)
-    per_example = losses + hp.lam * g + hp.mu * jnp.abs(dot)
+    per_example = losses + hp["lam"] * g + hp["mu"] * jnp.abs(dot)
     loss = masked_mean(per_example, mask)
     return loss, (state, _metrics(loss, logits, y, mask))
-
-
-OBJECTIVES: dict[str, Callable] = {
-    "natural": natural_objective,
-    "gr": gr_objective,
-    "llr": llr_objective,
-    "at": at_objective,
-    "trades": trades_objective,
-    "rst": rst_objective,
-}

@@ -1,60 +1,226 @@
-"""results.json files -> the paper's tables (markdown, CSV) and a lipschitz vs. robustness plot."""
+"""Runs (results.json + metrics.jsonl) -> the paper's tables over seeds, and plots.
+
+A cell is one configuration (method and hyperparameters, variant, dropout) on one data set and
+arch; its runs differ only in seed. Tables give mean ± std over the seeds (sample std, n - 1)
+and the seed count, with the paper's numbers beside them where data set and arch match.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 
+import numpy as np
+
+from jax_robust import methods, recipes
+from jax_robust.errors import UserError
 from jax_robust.files import write_text_atomic
 
 COLUMNS = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap",
            "test_lipschitz_ascent")
 HEADERS = ("train", "test", "adv test", "lipschitz", "gap", "adv gap", "lipschitz (ascent)")
+PAPER_COLUMNS = COLUMNS[:6]
+# PAPER.md, "Reference results": (dataset, arch) -> method tag -> the six PAPER_COLUMNS.
+PAPER_RESULTS = {
+    ("mnist", "cnn1"): {
+        "natural": (100.00, 99.20, 59.83, 67.25, 0.80, 0.45),
+        "gr": (99.99, 99.29, 91.03, 26.05, 0.70, 3.49),
+        "llr": (100.00, 99.43, 92.14, 30.44, 0.57, 4.42),
+        "at": (99.98, 99.31, 97.21, 8.84, 0.67, 2.67),
+        "rst0.5": (100.00, 99.34, 96.53, 11.09, 0.66, 3.16),
+        "rst1": (100.00, 99.31, 96.96, 11.31, 0.69, 2.95),
+        "rst2": (100.00, 99.31, 97.09, 12.39, 0.69, 2.87),
+        "trades1": (99.81, 99.26, 96.60, 9.69, 0.55, 2.10),
+        "trades3": (99.21, 98.96, 96.66, 7.83, 0.25, 1.33),
+        "trades6": (97.50, 97.54, 93.68, 2.87, -0.04, 0.37)},
+    ("mnist", "cnn2"): {
+        "natural": (100.00, 99.51, 86.01, 23.06, 0.49, -0.28),
+        "gr": (99.99, 99.55, 93.71, 20.26, 0.44, 2.55),
+        "llr": (100.00, 99.57, 95.13, 9.75, 0.43, 2.28),
+        "at": (99.98, 99.48, 98.03, 6.09, 0.50, 1.92),
+        "rst0.5": (100.00, 99.53, 97.72, 8.27, 0.47, 2.27),
+        "rst1": (100.00, 99.55, 98.27, 6.26, 0.45, 1.73),
+        "rst2": (100.00, 99.56, 98.48, 4.55, 0.44, 1.52),
+        "trades1": (99.96, 99.58, 98.10, 4.74, 0.38, 1.70),
+        "trades3": (99.80, 99.57, 98.54, 2.14, 0.23, 1.18),
+        "trades6": (99.61, 99.59, 98.73, 1.36, 0.02, 0.80)},
+    ("cifar10", "wrn"): {
+        "natural": (100.00, 93.81, 0.00, 425.71, 6.19, 0.00),
+        "gr": (94.90, 80.74, 21.32, 28.53, 14.16, 3.94),
+        "llr": (100.00, 91.44, 22.05, 94.68, 8.56, 4.50),
+        "rst0.5": (99.90, 85.11, 39.58, 20.67, 14.79, 36.26),
+        "rst1": (99.86, 84.61, 40.89, 23.15, 15.25, 41.31),
+        "rst2": (99.73, 83.87, 41.75, 23.80, 15.86, 43.54),
+        "at": (99.84, 83.51, 43.51, 26.23, 16.33, 49.94),
+        "trades1": (99.76, 84.96, 43.66, 28.01, 14.80, 44.60),
+        "trades3": (99.78, 85.55, 46.63, 22.42, 14.23, 47.67),
+        "trades6": (98.93, 84.46, 48.58, 13.05, 14.47, 42.65)},
+    ("restricted_imagenet", "resnet50"): {
+        "natural": (97.72, 93.47, 7.89, 32228.51, 4.25, -0.46),
+        "gr": (91.12, 88.51, 62.14, 886.75, 2.61, 0.19),
+        "llr": (98.76, 93.44, 52.62, 4795.66, 5.32, 0.22),
+        "rst0.5": (96.08, 92.02, 79.24, 451.57, 4.06, 4.57),
+        "rst1": (95.66, 92.06, 79.69, 355.43, 3.61, 4.67),
+        "rst2": (96.02, 91.14, 81.41, 394.40, 4.87, 6.19),
+        "at": (96.22, 90.33, 82.25, 287.97, 5.90, 8.23),
+        "trades1": (97.39, 92.27, 79.90, 2144.66, 5.13, 6.66),
+        "trades3": (95.74, 90.75, 82.28, 396.67, 5.00, 6.41),
+        "trades6": (93.34, 88.92, 82.13, 200.90, 4.42, 5.31)},
+}
 
 
-def row_label(r: dict) -> str:
-    """'TRADES(b=6)', 'RST(l=2)', 'AT', ... as in the paper's tables, plus dropout if set."""
-    t = r["config"]["train"]
-    obj = r.get("objective", {})
-    name = {"natural": "Natural", "gr": "GR", "llr": "LLR", "at": "AT"}.get(r["method"])
-    if r["method"] == "rst":
-        name = f"RST(l={obj.get('lam', t.get('lam')):g})"
-    elif r["method"] == "trades":
-        name = f"TRADES(b={obj.get('beta', t.get('beta')):g})"
-    dropout = r["config"]["model"].get("dropout")
-    if dropout:
-        name += f" +dropout {dropout:g}"
-    return name
+@dataclasses.dataclass
+class Run:
+    """One finished run: its results.json and its metrics.jsonl lines (may be empty)."""
+
+    path: str
+    results: dict
+    curve: list[dict]
+
+    @property
+    def config(self) -> dict:
+        return self.results["config"]
 
 
-def load_results(paths: list[str]) -> list[dict]:
-    out = []
-    for path in paths:
-        with open(path) as f:
-            out.append(json.load(f))
-    return out
+@dataclasses.dataclass
+class Cell:
+    """The runs of one configuration over seeds."""
+
+    tag: str  # method tag, e.g. 'rst2'
+    label: str  # table label, e.g. 'RST(l=2) +dropout 0.25'
+    method: str
+    variant: str
+    dropout: float
+    official_dropout: bool
+    runs: list[Run]
+
+    def values(self, key: str) -> np.ndarray:
+        return np.array([r.results[key] for r in self.runs], np.float64)
+
+    def mean_std(self, key: str) -> tuple[float, float]:
+        v = self.values(key)
+        return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def markdown_table(results: list[dict]) -> str:
-    lines = ["| method | variant | " + " | ".join(HEADERS) + " |",
-             "|---|---|" + "---:|" * len(HEADERS)]
-    for r in results:
-        cells = " | ".join(f"{r[c]:.2f}" for c in COLUMNS)
-        lines.append(f"| {row_label(r)} | {r['variant']} | {cells} |")
+def load_runs(root: str) -> list[Run]:
+    """Every results.json under `root` (recursively), with the metrics.jsonl beside it;
+    UserError naming a file that is not a results file."""
+    runs = []
+    for directory, _, files in sorted(os.walk(root)):
+        if "results.json" not in files:
+            continue
+        path = os.path.join(directory, "results.json")
+        try:
+            with open(path) as f:
+                results = json.load(f)
+            results["config"]["train"]["method"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a results file of this project ({e})") from None
+        curve = []
+        if "metrics.jsonl" in files:
+            with open(os.path.join(directory, "metrics.jsonl")) as f:
+                curve = [json.loads(line) for line in f if line.strip()]
+        runs.append(Run(path, results, curve))
+    return runs
+
+
+def _cell_key(run: Run) -> tuple:
+    c = run.config
+    return (c["train"]["method"], json.dumps(c["train"]["hparams"], sort_keys=True),
+            c["train"]["variant"], c["model"]["dropout"])
+
+
+def cells_of(runs: list[Run]) -> list[Cell]:
+    """Runs grouped by configuration, in the order first seen; one data set and arch only."""
+    where = {(r.config["data"]["dataset"], r.config["model"]["arch"]) for r in runs}
+    if len(where) > 1:
+        raise UserError(f"the runs mix data sets / archs {sorted(where)}; report them apart")
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(_cell_key(r), []).append(r)
+    cells = []
+    for (method, hparams, variant, dropout), group in groups.items():
+        hp = json.loads(hparams)
+        m = methods.METHODS.get(method)
+        tag = m.format_tag(hp) if m else method
+        label = m.format_label(hp) if m else method
+        official = dropout == recipes.ARCH_DROPOUT.get(group[0].config["model"]["arch"])
+        if not official:
+            label += f" +dropout {dropout:g}"
+        cells.append(Cell(tag, label, method, variant, dropout, official, group))
+    return cells
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def describe(cells: list[Cell]) -> str:
+    """One line: data set, arch, eps, examples evaluated, seeds, variants."""
+    first = cells[0].runs[0].results
+    c = first["config"]
+    ex = first.get("examples", {})
+    seeds = sorted({len(cell.runs) for cell in cells})
+    return (f"{c['data']['dataset']}, {c['model']['arch']}, eps {c['attack']['eps']:g}, "
+            f"PGD-{c['attack']['steps']} step {c['attack']['step_size']:g}, "
+            f"{c['train']['epochs']} epochs, evaluated on {ex.get('test', '?')} test / "
+            f"{ex.get('train', '?')} train points, seeds per cell "
+            f"{'-'.join(str(s) for s in seeds)}, variants "
+            f"{', '.join(sorted({cell.variant for cell in cells}))}")
+
+
+def paper_rows(cells: list[Cell]) -> dict[str, tuple]:
+    c = cells[0].runs[0].config
+    return PAPER_RESULTS.get((c["data"]["dataset"], c["model"]["arch"]), {})
+
+
+def markdown_table(cells: list[Cell]) -> str:
+    """The paper's table: mean ± std over seeds per cell, then the paper's row if any."""
+    paper = paper_rows(cells)
+    lines = [f"{describe(cells)}.", "",
+             "| method | variant | seeds | " + " | ".join(HEADERS) + " |",
+             "|---|---|---:|" + "---:|" * len(HEADERS)]
+    for cell in cells:
+        n = len(cell.runs)
+        values = " | ".join(_fmt(*cell.mean_std(k), n) for k in COLUMNS)
+        lines.append(f"| {cell.label} | {cell.variant} | {n} | {values} |")
+    shown = [cell for cell in cells if cell.tag in paper and cell.official_dropout]
+    if shown:
+        lines += ["", "The paper (PAPER.md, one seed, official code):", "",
+                  "| method | " + " | ".join(HEADERS[:6]) + " |",
+                  "|---|" + "---:|" * 6]
+        for tag in dict.fromkeys(cell.tag for cell in shown):
+            label = next(cell.label for cell in shown if cell.tag == tag)
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in paper[tag]) + " |")
+    else:
+        c = cells[0].runs[0].config
+        lines += ["", f"The paper has no table for {c['data']['dataset']} with "
+                      f"{c['model']['arch']}."]
     return "\n".join(lines) + "\n"
 
 
-def csv_table(results: list[dict]) -> str:
+def csv_table(cells: list[Cell]) -> str:
+    """One row per cell: means and stds of every column, seeds, eps and examples."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(("method", "variant", "dataset", "arch", *COLUMNS, "adv_train_acc",
-                     "train_lipschitz", "train_seconds"))
-    for r in results:
-        writer.writerow((row_label(r), r["variant"], r["dataset"], r["arch"],
-                         *(f"{r[c]:.4f}" for c in COLUMNS), f"{r['adv_train_acc']:.4f}",
-                         f"{r['train_lipschitz']:.4f}", f"{r['train_seconds']:.1f}"))
+    extra = ("adv_train_acc", "train_lipschitz", "train_seconds")
+    writer.writerow(("method", "tag", "variant", "dropout", "dataset", "arch", "eps",
+                     "test_examples", "train_examples", "seeds",
+                     *(f"{k}_{s}" for k in COLUMNS + extra for s in ("mean", "std")),
+                     *(f"paper_{k}" for k in PAPER_COLUMNS)))
+    paper = paper_rows(cells)
+    for cell in cells:
+        r = cell.runs[0].results
+        ex = r.get("examples", {})
+        stats = [f"{v:.4f}" for k in COLUMNS + extra for v in cell.mean_std(k)]
+        ref = paper.get(cell.tag) if cell.official_dropout else None
+        writer.writerow((cell.label, cell.tag, cell.variant, cell.dropout,
+                         r["config"]["data"]["dataset"], r["config"]["model"]["arch"],
+                         r["config"]["attack"]["eps"], ex.get("test"), ex.get("train"),
+                         len(cell.runs), *stats, *(ref or ("",) * len(PAPER_COLUMNS))))
     return buf.getvalue()
 
 
@@ -62,57 +228,154 @@ METHOD_COLORS = {"natural": "tab:gray", "gr": "tab:olive", "llr": "tab:brown", "
                  "rst": "tab:blue", "trades": "tab:green"}
 
 
-def plot_lipschitz_vs_robustness(results: list[dict], path: str, title: str = "") -> None:
-    """Test lipschitz (official descent | ascent) against adv test acc, one point per run:
-    colour = method, circle = official variant, square = paper variant, label = weight."""
+def _color(method: str) -> str:
+    return METHOD_COLORS.get(method, "tab:purple")
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    for ax, key, label in ((axes[0], "test_lipschitz", "official estimator (descent)"),
-                           (axes[1], "test_lipschitz_ascent", "ascent (maximum search)")):
-        for r in results:
-            ax.scatter(r[key], r["adv_test_acc"], color=METHOD_COLORS.get(r["method"], "k"),
-                       marker="o" if r["variant"] == "official" else "s", s=36, alpha=0.85)
-            weight = r.get("objective", {}).get({"rst": "lam", "trades": "beta"}.get(
-                r["method"], ""))
-            if weight is not None:
-                left = r["variant"] != "official"  # paper labels left: near twins stay legible
-                ax.annotate(f"{weight:g}", (r[key], r["adv_test_acc"]), fontsize=7,
-                            xytext=(-5 if left else 5, -3), textcoords="offset points",
-                            ha="right" if left else "left")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(f"test lipschitz, {label}, log scale")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("adv test acc (%)")
-    methods = [m for m in METHOD_COLORS if any(r["method"] == m for r in results)]
-    names = {"natural": "Natural", "gr": "GR", "llr": "LLR", "at": "AT", "rst": "RST",
-             "trades": "TRADES"}
-    handles = [Line2D([], [], color=METHOD_COLORS[m], marker="o", ls="", label=names[m])
-               for m in methods]
-    handles += [Line2D([], [], color="k", marker="o", ls="", fillstyle="none", label="official"),
-                Line2D([], [], color="k", marker="s", ls="", fillstyle="none", label="paper")]
-    axes[1].legend(handles=handles, fontsize=7, loc="lower right")
-    fig.suptitle(title or "Local Lipschitzness vs. robustness")
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     os.replace(tmp, path)
 
 
-def write_report(results: list[dict], outdir: str, title: str = "") -> list[str]:
-    """Writes table.md, table.csv and lipschitz_vs_robustness.png to `outdir`; returns paths."""
-    md = os.path.join(outdir, "table.md")
-    cs = os.path.join(outdir, "table.csv")
-    png = os.path.join(outdir, "lipschitz_vs_robustness.png")
-    write_text_atomic(md, (f"## {title}\n\n" if title else "") + markdown_table(results))
-    write_text_atomic(cs, csv_table(results))
-    plot_lipschitz_vs_robustness(results, png, title)
-    return [md, cs, png]
+def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> None:
+    """Adv test acc against test lipschitz, one labelled point per cell, error bars (std over
+    seeds) on both axes; left panel the official (descent) estimator, right the ascent one.
+    Circles: official variant, squares: paper; hollow: non-official dropout."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, key, name in ((axes[0], "test_lipschitz", "official estimator (descent)"),
+                          (axes[1], "test_lipschitz_ascent", "ascent (maximum search)")):
+        for cell in cells:
+            (x, xs), (y, ys) = cell.mean_std(key), cell.mean_std("adv_test_acc")
+            color = _color(cell.method)
+            ax.errorbar(x, y, xerr=xs or None, yerr=ys or None, color=color,
+                        marker="o" if cell.variant == "official" else "s", ms=6, capsize=2,
+                        mfc=color if cell.official_dropout else "white", ls="")
+            left = cell.variant != "official"
+            ax.annotate(cell.label.replace(" +dropout ", "+d"), (x, y), fontsize=6.5,
+                        xytext=(-6 if left else 6, 3), textcoords="offset points",
+                        ha="right" if left else "left")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"test lipschitz, {name} (log scale)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("adv test acc (%)")
+    fig.suptitle(f"Local Lipschitzness vs. robustness: {title}\n"
+                 "circle official, square paper variant; bars: std over seeds", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_gaps(cells: list[Cell], path: str, title: str) -> None:
+    """Generalization gap and adversarial gap per cell, bars with std over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cells) + 2), 4.4))
+    pos = np.arange(len(cells))
+    for offset, key, hatch, name in ((-0.2, "gap", "", "gap (train - test acc)"),
+                                     (0.2, "adv_gap", "//", "adv gap (adv train - adv test)")):
+        means, stds = zip(*(cell.mean_std(key) for cell in cells))
+        ax.bar(pos + offset, means, 0.4, yerr=stds, capsize=2, hatch=hatch, label=name,
+               color=[_color(cell.method) for cell in cells], edgecolor="k", alpha=0.8)
+    ax.set_xticks(pos, [f"{cell.label}\n{cell.variant}" for cell in cells], rotation=60,
+                  ha="right", fontsize=7)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylabel("percentage points")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Generalization gaps: {title}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_dropout(cells: list[Cell], path: str, title: str) -> bool:
+    """Test acc, adv test acc, test lipschitz and the gaps with and without the cell's other
+    dropout rates, for each method that was run at several; False if none was."""
+    by: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        by.setdefault((cell.tag, cell.variant), []).append(cell)
+    multi = {k: sorted(v, key=lambda c: c.dropout) for k, v in by.items() if len(v) > 1}
+    if not multi:
+        return False
+    plt = _pyplot()
+    keys = ("test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.8))
+    for ax, key in zip(axes, keys):
+        for (tag, variant), group in multi.items():
+            xs = [c.dropout for c in group]
+            ms, ss = zip(*(c.mean_std(key) for c in group))
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=2, color=_color(group[0].method),
+                        ls="-" if variant == "official" else "--", label=f"{tag} {variant}")
+        ax.set_xlabel("dropout rate")
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"Dropout: {title}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
+    """Per epoch: training loss, train acc (of the epoch's batches) and clean / PGD accuracy
+    on the test subset, mean over seeds, one line per cell; False without metrics.jsonl."""
+    with_curves = [c for c in cells if all(r.curve for r in c.runs)]
+    if not with_curves:
+        return False
+    plt = _pyplot()
+    keys = (("train_loss", "training loss", True), ("train_acc", "train acc (epoch, %)", False),
+            ("test_subset_acc", "test acc, subset (%)", False),
+            ("adv_test_subset_acc", "PGD test acc, subset (%)", False))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    for ax, (key, name, log) in zip(axes, keys):
+        for cell in with_curves:
+            n = min(len(r.curve) for r in cell.runs)
+            epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
+            mean = np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
+            ax.plot(epochs, mean, color=_color(cell.method), lw=1,
+                    ls="-" if cell.variant == "official" else "--",
+                    label=f"{cell.label} {cell.variant}")
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Learning curves (mean over seeds; dashed: paper variant): {title}",
+                 fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def write_report(runs: list[Run], outdir: str, title: str = "") -> list[str]:
+    """Writes table.md, table.csv and the plots to `outdir`; returns the paths written."""
+    if not runs:
+        raise UserError(f"no results.json to report under {outdir}")
+    cells = cells_of(runs)
+    c = runs[0].config
+    title = title or f"{c['data']['dataset']}, {c['model']['arch']}, eps {c['attack']['eps']:g}"
+    paths = [os.path.join(outdir, n) for n in ("table.md", "table.csv",
+                                                "lipschitz_vs_robustness.png", "gaps.png")]
+    write_text_atomic(paths[0], f"## {title}\n\n" + markdown_table(cells))
+    write_text_atomic(paths[1], csv_table(cells))
+    plot_lipschitz_vs_robustness(cells, paths[2], title)
+    plot_gaps(cells, paths[3], title)
+    for name, plot in (("dropout.png", plot_dropout),
+                       ("learning_curves.png", plot_learning_curves)):
+        if plot(cells, os.path.join(outdir, name), title):
+            paths.append(os.path.join(outdir, name))
+    return paths
+
