@@ -41,6 +41,8 @@ flags.DEFINE_float("dropout", None, "dropout rate (default: the arch's official 
 flags.DEFINE_integer("wrn_depth", 40, "WideResNet depth (6n+4)")
 flags.DEFINE_integer("wrn_width", 10, "WideResNet widen factor")
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
+flags.DEFINE_string("pool_ties", None, "gradient of tied max-pool maxima: first (PyTorch; "
+                    "default of the official variant) or split (JAX; the paper variant's)")
 flags.DEFINE_float("eps", None, "l_inf radius in pixel units (default: the data set's)")
 flags.DEFINE_integer("attack_steps", 10, "PGD steps (training and evaluation)")
 flags.DEFINE_float("attack_step_size", None, "PGD step size (default eps / 5)")
@@ -95,7 +97,7 @@ def config_from_flags() -> cfglib.RunConfig:
         data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test,
                                FLAGS.augment),
         model=cfglib.ModelConfig(FLAGS.arch, FLAGS.dropout, FLAGS.wrn_depth, FLAGS.wrn_width,
-                                 FLAGS.dtype),
+                                 FLAGS.dtype, FLAGS.pool_ties),
         attack=cfglib.AttackConfig(FLAGS.eps, FLAGS.attack_steps, FLAGS.attack_step_size),
         train=cfglib.TrainConfig(
             method=FLAGS.method, variant=FLAGS.variant, hparams=hparams, epochs=FLAGS.epochs,

@@ -19,6 +19,7 @@ VARIANTS = ("official", "paper")
 ARCHS = ("cnn1", "cnn2", "wrn", "resnet50", "linear")
 AUGMENTATIONS = ("none", "crop_flip", "crop")
 DTYPES = ("float32", "bfloat16")
+POOL_TIES = ("split", "first")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -38,6 +39,9 @@ class ModelConfig:
     wrn_depth: int = 40
     wrn_width: int = 10
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Where a 2x2 max-pool window with several maxima sends its gradient: 'first' (PyTorch,
+    # the official variant's default) or 'split' evenly (JAX, the paper variant's).
+    pool_ties: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +182,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("arch", m.arch, ARCHS)
     _choice("augment", cfg.data.augment, AUGMENTATIONS)
     _choice("dtype", m.dtype, DTYPES)
+    _choice("pool_ties", m.pool_ties, POOL_TIES)
     _choice("optimizer", t.optimizer, OPTIMIZERS)
     for field, choices in SPEED_CHOICES.items():
         _choice(field, getattr(cfg.speed, field), choices)

@@ -5,6 +5,8 @@ in the backward pass, where XLA:CPU is slow when left to autodiff (measured in B
   max_pool_2x2      2x2/2 max-pool as the max of the four window corners, with a custom VJP
                     (a tie count and one select); ties share the gradient evenly, as JAX's
                     reduce-max gradient does. `pool_2x2(x, "autodiff")` is the plain form.
+                    (`max_pool_2x2_first` is not a speed option: it gives a window's whole
+                    gradient to its first maximum, as PyTorch does; the official variant.)
   small_input_conv  `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: a
                     stride-1 conv with at most 4 input channels (a network's first layer) gets
                     its input gradient as one matmul plus an overlap-add of the kh*kw taps.
@@ -67,9 +69,43 @@ def _max_pool_bwd(res, g):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def pool_2x2(x: jax.Array, grad: str) -> jax.Array:
-    """2x2/2 max-pool of x [n, h, w, c]; grad 'corners' (max_pool_2x2's custom VJP) or
-    'autodiff' (reshape-and-max, JAX's own gradient). Same values and gradients."""
+@jax.custom_vjp
+def max_pool_2x2_first(x: jax.Array) -> jax.Array:
+    """2x2/2 max-pool whose gradient goes wholly to the FIRST maximum of each window in
+    row-major order, as PyTorch's max_pool2d (its argmax) sends it."""
+    return max_pool_2x2(x)
+
+
+def _first_max_fwd(x):
+    a, b, c, d = _corners(x)
+    m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.int8)
+    return m, (first, x.shape)
+
+
+def _first_max_bwd(res, g):
+    first, (n, h, w, c) = res
+    pos = (2 * jnp.arange(2)[:, None] + jnp.arange(2)[None, :]).astype(jnp.int8)  # [2, 2]
+    hit = first[:, :, None, :, None, :] == pos[None, None, :, None, :, None]
+    gx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    gx = gx.reshape(n, h // 2 * 2, w // 2 * 2, c)
+    if h % 2 or w % 2:
+        gx = jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return (gx,)
+
+
+max_pool_2x2_first.defvjp(_first_max_fwd, _first_max_bwd)
+
+
+def pool_2x2(x: jax.Array, grad: str, ties: str = "split") -> jax.Array:
+    """2x2/2 max-pool of x [n, h, w, c]. ties: where the gradient of a window with several
+    maxima goes: 'split' evenly (JAX's rule) or to the 'first' in row-major order (PyTorch's).
+    grad, for 'split': 'corners' (max_pool_2x2's custom VJP) or 'autodiff' (reshape-and-max,
+    JAX's own gradient), the same values and gradients; 'first' has one form."""
+    if ties == "first":
+        return max_pool_2x2_first(x)
+    if ties != "split":
+        raise ValueError(f"unknown pool ties {ties!r}")
     if grad == "corners":
         return max_pool_2x2(x)
     if grad == "autodiff":
@@ -270,6 +306,7 @@ class ConvPool(nn.Module):
     bias_init: Callable
     bias_after_pool: bool
     pool_grad: str
+    pool_ties: str = "split"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -279,5 +316,5 @@ class ConvPool(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
         if self.bias_after_pool:
-            return pool_2x2(y, self.pool_grad) + bias
-        return pool_2x2(y + bias, self.pool_grad)
+            return pool_2x2(y, self.pool_grad, self.pool_ties) + bias
+        return pool_2x2(y + bias, self.pool_grad, self.pool_ties)

@@ -37,7 +37,8 @@ class HParam:
             word = {(0, False): "non-negative", (0, True): "positive"}.get(
                 (self.minimum, self.exclusive))
             need = (f"a {word} {noun}" if word else
-                    f"a {noun} {'>' if self.exclusive else '>='} {self.minimum:g}")
+                    f"{'an' if self.integer else 'a'} {noun} "
+                    f"{'>' if self.exclusive else '>='} {self.minimum:g}")
             raise UserError(f"{self.name} must be {need}, got {value}")
         return int(value) if self.integer else float(value)
 

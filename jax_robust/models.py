@@ -64,6 +64,7 @@ class CNN1(nn.Module):
     dropout: float = 0.5  # the dense dropout; the conv dropout (channel-wise) is dropout / 2
     dtype: Any = jnp.float32
     speed: SpeedConfig = PLAIN_SPEED
+    pool_ties: str = "split"  # gradient of tied maxima: 'split' (JAX) or 'first' (PyTorch)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -76,8 +77,8 @@ class CNN1(nn.Module):
         # No ReLU after the second conv, as in the official net. Named as the nn.Conv it
         # replaces: the same parameter path, so the same initial values.
         x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
-                     self.speed.conv_bias_after_pool, self.speed.pool_grad, self.dtype,
-                     name="Conv_1")(x)
+                     self.speed.conv_bias_after_pool, self.speed.pool_grad, self.pool_ties,
+                     self.dtype, name="Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -92,6 +93,7 @@ class CNN2(nn.Module):
     dropout: float = 0.5
     dtype: Any = jnp.float32
     speed: SpeedConfig = PLAIN_SPEED
+    pool_ties: str = "split"  # gradient of tied maxima: 'split' (JAX) or 'first' (PyTorch)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -103,7 +105,7 @@ class CNN2(nn.Module):
                         conv_general_dilated=conv_fn)(x)
             x = nn.relu(x)
             if i % 2 == 1:
-                x = pool_2x2(x, self.speed.pool_grad)
+                x = pool_2x2(x, self.speed.pool_grad, self.pool_ties)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(200, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -244,16 +246,18 @@ def check_input_size(arch: str, image_shape: tuple[int, int, int]) -> None:
 
 def build_model(arch: str, num_classes: int, image_shape: tuple[int, int, int], *,
                 dropout: float, wrn_depth: int = 40, wrn_width: int = 10,
-                dtype: str = "float32", speed: SpeedConfig = PLAIN_SPEED) -> nn.Module:
-    """The Flax module for `arch` (config.ARCHS) on images of `image_shape` (H, W, C)."""
+                dtype: str = "float32", speed: SpeedConfig = PLAIN_SPEED,
+                pool_ties: str = "split") -> nn.Module:
+    """The Flax module for `arch` (config.ARCHS) on images of `image_shape` (H, W, C);
+    `pool_ties` applies to the CNNs' 2x2 max-pools."""
     if arch not in MIN_SIZE:
         raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(MIN_SIZE)}")
     check_input_size(arch, image_shape)
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     if arch == "cnn1":
-        return CNN1(num_classes, dropout, dt, speed)
+        return CNN1(num_classes, dropout, dt, speed, pool_ties)
     if arch == "cnn2":
-        return CNN2(num_classes, dropout, dt, speed)
+        return CNN2(num_classes, dropout, dt, speed, pool_ties)
     if arch == "wrn":
         if (wrn_depth - 4) % 6 or wrn_depth < 10 or wrn_width < 1:
             raise UserError(f"WideResNet depth must be 6n+4 (n >= 1), got {wrn_depth}")

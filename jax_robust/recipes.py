@@ -53,6 +53,10 @@ RECIPES: dict[str, Recipe] = {
 ARCH_DROPOUT = {"cnn1": 0.5, "cnn2": 0.5, "wrn": 0.0, "resnet50": 0.0, "linear": 0.0}
 
 
+# The variant's max-pool tie rule: the official code is PyTorch's (first maximum).
+VARIANT_POOL_TIES = {"official": "first", "paper": "split"}
+
+
 def recipe(dataset: str) -> Recipe:
     if dataset not in RECIPES:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(RECIPES)}")
@@ -96,8 +100,9 @@ def resolve(cfg: cfglib.RunConfig, backend: str) -> cfglib.RunConfig:
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, augment=_fill(cfg.data.augment, r.augment)),
-        model=dataclasses.replace(cfg.model, dropout=float(_fill(cfg.model.dropout,
-                                                                 ARCH_DROPOUT[cfg.model.arch]))),
+        model=dataclasses.replace(
+            cfg.model, dropout=float(_fill(cfg.model.dropout, ARCH_DROPOUT[cfg.model.arch])),
+            pool_ties=_fill(cfg.model.pool_ties, VARIANT_POOL_TIES[t.variant])),
         attack=dataclasses.replace(a, eps=eps, step_size=float(_fill(a.step_size, eps / 5))),
         train=dataclasses.replace(
             t, hparams=hparams, epochs=_fill(t.epochs, r.epochs), batch_size=batch,
@@ -111,7 +116,7 @@ def resolve(cfg: cfglib.RunConfig, backend: str) -> cfglib.RunConfig:
 def is_resolved(cfg: cfglib.RunConfig) -> bool:
     """Whether no setting that `resolve` fills is None."""
     return None not in (
-        cfg.data.augment, cfg.model.dropout, cfg.attack.eps, cfg.attack.step_size,
+        cfg.data.augment, cfg.model.dropout, cfg.model.pool_ties, cfg.attack.eps, cfg.attack.step_size,
         cfg.train.epochs, cfg.train.batch_size, cfg.train.optimizer, cfg.train.lr,
         cfg.train.momentum, cfg.train.milestones,
         *(getattr(cfg.speed, f.name) for f in dataclasses.fields(cfg.speed)))

@@ -74,7 +74,7 @@ def build_model(cfg: cfglib.RunConfig, info: datalib.DatasetInfo):
     m = cfg.model
     return models.build_model(m.arch, info.num_classes, info.image_shape, dropout=m.dropout,
                               wrn_depth=m.wrn_depth, wrn_width=m.wrn_width, dtype=m.dtype,
-                              speed=cfg.speed)
+                              speed=cfg.speed, pool_ties=m.pool_ties)
 
 
 def eval_subset(n: int, size: int | None) -> np.ndarray:

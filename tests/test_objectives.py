@@ -2,9 +2,10 @@
 
 The model is a 2-class linear map (no dropout, no BatchNorm: train and eval mode agree), so
 every input gradient has a closed form, the CE-PGD worst case is a known corner, and the
-parameter gradients are checked by central finite differences in float64. The attack's
-random start is re-derived from the same key, as the official procedure's noise would be
-passed in. One batch row is padding (mask 0) and must not count.
+parameter gradients are checked by central finite differences in float64. The attacks' random
+starts are recorded as the objective draws them (whatever key it uses) and the reference
+attack starts from the same points, as the official procedure's noise would be passed in.
+One batch row is padding (mask 0) and must not count.
 """
 
 import jax
@@ -12,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_robust import models
-from jax_robust.objectives import OBJECTIVES, ObjectiveParams
+from jax_robust import attacks, methods, models
+from jax_robust.objectives import ObjectiveParams
 
 D, K, B = 6, 2, 6
 EPS = 0.1
@@ -42,15 +43,24 @@ def project(xa, x):
     return np.clip(xa, np.maximum(x - EPS, 0), np.minimum(x + EPS, 1))
 
 
-def start_noise(key, n_split):
-    attack_key = jax.random.split(key, n_split)[0]
-    init_key = jax.random.split(attack_key)[0]
-    return np.asarray(jax.random.normal(init_key, (B, 1, D, 1)), np.float64).reshape(B, D)
+@pytest.fixture
+def recorded_starts(monkeypatch):
+    """The random starts of every attack the objective runs, [B, D] float64 each, in order."""
+    starts = []
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        starts.append(np.asarray(out, np.float64).reshape(B, D))
+        return out
+
+    original = attacks.random_start
+    monkeypatch.setattr(attacks, "random_start", recording)
+    return starts
 
 
-def llr_delta(x, noise, grad_fn):
-    """Official LLR search: 2 l_inf-normalised steps of eps/2, clip to [0,1], renorm."""
-    delta = 0.001 * noise
+def llr_delta(x, start, grad_fn):
+    """Official LLR search from `start`: 2 l_inf-normalised steps of eps/2, clip, renorm."""
+    delta = start - x
     for _ in range(2):
         g = grad_fn(x + delta)
         delta = delta + EPS / 2 * g / np.abs(g).max(1, keepdims=True)
@@ -60,7 +70,7 @@ def llr_delta(x, noise, grad_fn):
     return delta
 
 
-def reference(method, variant, w, b, x, y, mask, key, hp):
+def reference(method, variant, w, b, x, y, mask, starts, hp):
     """(loss_fn(w, b) with the attack held fixed, extra_grad_fn or None) in float64."""
     mean = lambda v: (v * mask).sum() / B  # noqa: E731
     if method == "natural":
@@ -69,28 +79,28 @@ def reference(method, variant, w, b, x, y, mask, key, hp):
         corner = project(x + EPS * np.sign(w[:, 1 - y] - w[:, y]).T, x)
         if method == "at":
             return lambda w_, b_: mean(ce(corner @ w_ + b_, y)), None
-        return lambda w_, b_: mean(ce(x @ w_ + b_, y) + hp.lam * ce(corner @ w_ + b_, y)), None
+        return lambda w_, b_: mean(ce(x @ w_ + b_, y) + hp["lam"] * ce(corner @ w_ + b_, y)), None
     if method == "trades":
-        xa = x + 0.001 * start_noise(key, 4)
+        (xa,) = starts
         p = softmax(x @ w + b)
         for _ in range(hp.steps):
             g = (softmax(xa @ w + b) - p) @ w.T
             xa = project(xa + hp.step_size * np.sign(g), x)
-        return lambda w_, b_: mean(ce(x @ w_ + b_, y) + hp.beta * kl(x @ w_ + b_, xa @ w_ + b_)), None
+        return lambda w_, b_: mean(ce(x @ w_ + b_, y) + hp["beta"] * kl(x @ w_ + b_, xa @ w_ + b_)), None
     if method == "gr":
         d = ce_input_grad(w, b, x, y)
         v = d / np.linalg.norm(d, axis=1, keepdims=True)
 
         def loss(w_, b_):
             base = ce(x @ w_ + b_, y)
-            diff = (ce((x + hp.gr_h * v) @ w_ + b_, y) - base) / hp.gr_h
-            return mean(base + 0.5 * hp.lam * diff**2)
+            diff = (ce((x + hp["gr_h"] * v) @ w_ + b_, y) - base) / hp["gr_h"]
+            return mean(base + 0.5 * hp["lam"] * diff**2)
 
         extra = (lambda w_, b_: mean(ce(x @ w_ + b_, y))) if variant == "official" else None
         return loss, extra
     if method == "llr" and variant == "official":
-        delta = llr_delta(x, start_noise(key, 3), lambda z: ce_input_grad(w, b, z, y))
-        return lambda w_, b_: mean(ce(x @ w_ + b_, y) + hp.lam * ce((x + delta) @ w_ + b_, y)), None
+        delta = llr_delta(x, starts[0], lambda z: ce_input_grad(w, b, z, y))
+        return lambda w_, b_: mean(ce(x @ w_ + b_, y) + hp["lam"] * ce((x + delta) @ w_ + b_, y)), None
     # llr, paper
     l0, g0 = ce(x @ w + b, y), ce_input_grad(w, b, x, y)
 
@@ -98,13 +108,13 @@ def reference(method, variant, w, b, x, y, mask, key, hp):
         inner = ce(z @ w + b, y) - l0 - ((z - x) * g0).sum(1)
         return np.sign(inner)[:, None] * (ce_input_grad(w, b, z, y) - g0)
 
-    delta = llr_delta(x, start_noise(key, 3), nonlinearity_grad)
+    delta = llr_delta(x, starts[0], nonlinearity_grad)
 
     def loss(w_, b_):
         base, grad = ce(x @ w_ + b_, y), ce_input_grad(w_, b_, x, y)
         dot = (delta * grad).sum(1)
         g = np.abs(ce((x + delta) @ w_ + b_, y) - base - dot)
-        return mean(base + hp.lam * g + hp.mu * np.abs(dot))
+        return mean(base + hp["lam"] * g + hp["mu"] * np.abs(dot))
 
     return loss, None
 
@@ -127,7 +137,7 @@ CASES = [(m, v) for m in ("natural", "gr", "llr", "at", "trades", "rst")
 
 
 @pytest.mark.parametrize("method,variant", CASES)
-def test_objective_loss_and_gradient_match_numpy(method, variant):
+def test_objective_loss_and_gradient_match_numpy(method, variant, recorded_starts):
     rng = np.random.default_rng(0)
     # Large weights for paper LLR: its search starts from the sign of a second-order
     # quantity at |delta| = 0.001, which must stand clear of float32 rounding.
@@ -137,9 +147,10 @@ def test_objective_loss_and_gradient_match_numpy(method, variant):
     y = rng.integers(0, K, size=B)
     mask = np.array([1, 1, 1, 1, 1, 0], np.float64)
     key = jax.random.key(42)
-    hp = ObjectiveParams(eps=EPS, step_size=EPS / 5, steps=10, beta=3.0,
-                         lam={"gr": 1.0, "llr": 4.0, "rst": 2.0}.get(method, 1.0), mu=3.0,
-                         gr_h=0.5, variant=variant)
+    given = {"trades": {"beta": 3.0}, "gr": {"lam": 1.0, "gr_h": 0.5}, "rst": {"lam": 2.0},
+             "llr": {"lam": 4.0, "mu": 3.0}}.get(method, {})
+    hp = ObjectiveParams(eps=EPS, step_size=EPS / 5, steps=10, variant=variant, unroll=True,
+                         hparams=methods.get(method).resolve_hparams(given))
     model_fn = models.make_model_fn(models.Linear(num_classes=K))
     params = {"Dense_0": {"kernel": jnp.asarray(w, jnp.float32),
                           "bias": jnp.asarray(b, jnp.float32)}}
@@ -147,12 +158,14 @@ def test_objective_loss_and_gradient_match_numpy(method, variant):
              "mask": jnp.asarray(mask, jnp.float32)}
 
     def objective(p):
-        return OBJECTIVES[method](model_fn, p, {}, batch, key, hp)
+        return methods.get(method).objective(model_fn, p, {}, batch, key, hp)
 
     (loss, (_, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     # The reference is evaluated on the float32-rounded inputs the model sees.
     w32, b32, x32 = (np.asarray(a, np.float32).astype(np.float64) for a in (w, b, x))
-    ref_loss, extra = reference(method, variant, w32, b32, x32, y, mask, key, hp)
+    # One attack, one random start, for each method but natural and GR.
+    assert len(recorded_starts) == int(method not in ("natural", "gr")), len(recorded_starts)
+    ref_loss, extra = reference(method, variant, w32, b32, x32, y, mask, recorded_starts, hp)
     np.testing.assert_allclose(float(metrics["loss"]), ref_loss(w32, b32), rtol=2e-4)
     gw, gb = finite_difference_grad(ref_loss, w32, b32)
     if extra is not None:  # official GR: the CE gradient counted twice
@@ -173,7 +186,8 @@ def test_official_llr_equals_ce_plus_lambda_ce_at_the_perturbed_point():
     x = jnp.asarray(rng.uniform(0, 1, size=(8, 4, 4, 1)), jnp.float32)
     batch = {"x": x, "y": jnp.asarray(rng.integers(0, 3, 8)), "mask": jnp.ones(8)}
     key = jax.random.key(5)
-    losses = [OBJECTIVES["llr"](model_fn, params, {}, batch, key,
-                                ObjectiveParams(eps=0.1, step_size=0.02, lam=4.0, mu=mu))[0]
-              for mu in (0.0, 3.0, 100.0)]
+    llr = methods.get("llr")
+    losses = [llr.objective(model_fn, params, {}, batch, key, ObjectiveParams(
+        eps=0.1, step_size=0.02, steps=10, variant="official", unroll=True,
+        hparams=llr.resolve_hparams({"lam": 4.0, "mu": mu})))[0] for mu in (0.0, 3.0, 100.0)]
     np.testing.assert_allclose(losses, losses[0], rtol=1e-6)
