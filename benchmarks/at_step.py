@@ -4,11 +4,13 @@
     python benchmarks/at_step.py --models=cnn1,cnn2 --jax_variants=base,xlapool+xlaconv+biasfirst
     python benchmarks/at_step.py --models=wrn --wrn_depth=40 --wrn_width=10 --peak_tflops=495
     python benchmarks/at_step.py --ablation --models=cnn1,cnn2     # the CPU levers, one table
+    python benchmarks/at_step.py --ablation --models=wrn --steps=1 --repeats=3   # flaxbn
 
 One step = PGD-10 on cross-entropy (random start U(-eps, eps) clipped to [0, 1], step eps/5,
 sign ascent, projection and clip) + one SGD-momentum(0.9) update on CE(f(x_adv)), batch 128.
-JAX: `train.make_train_step(OBJECTIVES["at"], ...)`, jitted with the state donated. PyTorch:
-benchmarks/torch_models.py, eager, the same nets, `torch.set_num_threads(os.cpu_count())`.
+JAX: `step.make_train_step(methods.get("at").objective, ...)` on `models.build_model(...,
+speed=...)`, jitted with the state donated. PyTorch: benchmarks/torch_models.py, eager, the
+same nets, `torch.set_num_threads(os.cpu_count())` (--notorch: JAX only, torch not imported).
 Modes match on both sides: --variant=paper (default) attacks in eval mode on both, --variant=
 official in train mode on both (dropout masks, BatchNorm batch statistics); the update is in
 train mode on both. Random data (MNIST-shaped 28x28x1 for the CNNs, eps 0.1; CIFAR-shaped
@@ -18,7 +20,9 @@ Timing: compile is timed apart (lower + compile), then --warmup untimed repetiti
 --repeats repetitions of --steps steps each, alternating PyTorch and each JAX variant (A B A B)
 in one process; reported: the median images/s. Each line also gives the CPU that OTHER
 processes used meanwhile ("others 0.02 cores"): re-run when it is not near 0. --jax_variants
-takes benchmarks/jax_levers.py lever names, '+'-joined ("base" = the library as it is).
+takes benchmarks/jax_levers.py lever names, '+'-joined ("base" = config.CPU_SPEED); levers that
+do not reach a model are dropped for it, and before timing, every variant is checked to lower
+to another program than the same variant without each of its levers (an error otherwise).
 FLOPs per step come from XLA's cost analysis of the compiled step; with --peak_tflops the
 model FLOPs utilisation is printed too (GPU: e.g. 495 for an H100 SXM's dense TF32, which
 JAX's default float32 precision uses for convolutions and matmuls there).
@@ -40,11 +44,9 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-import bench_util  # noqa: E402
+import bench_util
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cnn1", "cnn2", "wrn"], "cnn1, cnn2, wrn")
@@ -58,6 +60,9 @@ flags.DEFINE_integer("wrn_width", 4, "WideResNet widen factor (the paper's: 10)"
 flags.DEFINE_enum("variant", "paper", ["paper", "official"],
                   "attack in eval mode (paper) or train mode (official), on both sides")
 flags.DEFINE_float("lr", 0.01, "SGD learning rate")
+flags.DEFINE_enum("pool_ties", "split", ["split", "first"], "the CNNs' max-pool tie rule "
+                  "(models.build_model); with 'first' the pool has one form, so the xlapool "
+                  "lever changes nothing and the self-check refuses it")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants to time (benchmarks/jax_levers.py)")
 flags.DEFINE_bool("torch", True, "time the PyTorch baseline")
 flags.DEFINE_list("torch_layouts", ["nchw"], "PyTorch memory formats to time: nchw (the official "
@@ -79,10 +84,9 @@ flags.DEFINE_bool("json", False, "also print one 'RESULT {json}' line per measur
 
 SHAPES = {"cnn1": (28, 28, 1), "cnn2": (28, 28, 1), "wrn": (32, 32, 3)}
 EPS = {"cnn1": 0.1, "cnn2": 0.1, "wrn": 8 / 255}
-IN_PROCESS_LEVERS = ("base,xlapool,xlaconv,biasfirst,xlapool+xlaconv+biasfirst,rolled,nnpool,"
-                     "poolidx,flipconv,biasdot,relupool,unsafe_rbg,rbg,nodonate")
+IN_PROCESS_LEVERS = ("base,xlapool,xlaconv,biasfirst,flaxbn,xlapool+xlaconv+biasfirst+flaxbn,"
+                     "rolled,unsafe_rbg,rbg")
 BEST = "base"
-MODEL_ONLY = {"relupool": "cnn2", "biasfirst": "cnn1"}  # levers that patch one model's class
 
 
 def set_xla_flags():
@@ -96,34 +100,52 @@ def set_xla_flags():
         append_speed_flags()
 
 
-def jax_runner(arch, variant, x, y, steps):
-    """(run, compile_seconds, flops_per_step) of the project's AT step for `variant`."""
+def build_step(arch, variant, x, y):
+    """(lowered, (state, batch, key), lower_seconds): the project's AT step for `variant`,
+    built, keyed and lowered under the variant's PRNG implementation."""
     import jax
     import jax.numpy as jnp
     import optax
 
     import jax_levers
-    from jax_robust import models, objectives, train
+    from jax_robust import methods, models, objectives, pipeline, recipes, step as steplib
 
-    mesh = train.make_mesh()
-    optimizer = optax.sgd(FLAGS.lr, momentum=0.9)
+    speed = jax_levers.parse(variant)
     eps = EPS[arch]
     hp = objectives.ObjectiveParams(eps=eps, step_size=eps / 5, steps=FLAGS.pgd_steps,
-                                    variant=FLAGS.variant)
-    batch = train.shard_batch(mesh, {"x": x, "y": y, "mask": jnp.ones(len(y), jnp.float32)})
-    key = jax.random.key(1, impl=jax_levers.prng_impl(variant))
-    with jax_levers.patched(variant):  # build, trace and compile with the variant's patches
-        module = models.build_model(arch, 10, SHAPES[arch], wrn_depth=FLAGS.wrn_depth,
-                                    wrn_width=FLAGS.wrn_width)
-        params, model_state = models.init_model(module, jax.random.key(0), SHAPES[arch])
-        state = train.replicate(mesh, train.TrainState(
+                                    variant=FLAGS.variant, hparams=(),
+                                    unroll=speed.attack_unroll)
+    optimizer = optax.sgd(FLAGS.lr, momentum=0.9)
+    mesh = pipeline.make_mesh()
+    with jax_levers.prng(variant):
+        module = models.build_model(arch, 10, SHAPES[arch], dropout=recipes.ARCH_DROPOUT[arch],
+                                    wrn_depth=FLAGS.wrn_depth, wrn_width=FLAGS.wrn_width,
+                                    speed=speed, pool_ties=FLAGS.pool_ties)
+        # The same initial parameters for every variant, whatever its PRNG implementation.
+        params, model_state = models.init_model(
+            module, jax.random.key(0, impl="threefry2x32"), SHAPES[arch])
+        state = pipeline.replicate(mesh, steplib.TrainState(
             step=jnp.int32(0), params=params, model_state=model_state,
             opt_state=optimizer.init(params)))
-        step = train.make_train_step(objectives.OBJECTIVES["at"], models.make_model_fn(module),
-                                     optimizer, hp, mesh)
+        batch = pipeline.shard_batch(mesh, {"x": x, "y": y,
+                                            "mask": jnp.ones(len(y), jnp.float32)})
+        key = jax.random.key(1)  # the variant's PRNG implementation
+        step = steplib.make_train_step(methods.get("at").objective,
+                                       models.make_model_fn(module), optimizer, hp, mesh)
         start = time.perf_counter()
-        compiled = step.lower(state, batch, key).compile()
-        compile_s = time.perf_counter() - start
+        lowered = step.lower(state, batch, key)
+        lower_s = time.perf_counter() - start
+    return lowered, (state, batch, key), lower_s
+
+
+def jax_runner(built, steps):
+    """(run, compile_seconds, flops_per_step) of a `build_step` result."""
+    import jax
+
+    lowered, (state, batch, key), lower_s = built
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = lower_s + time.perf_counter() - start
 
     box = [state]
 
@@ -181,13 +203,28 @@ def measure(arch):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for layout in FLAGS.torch_layouts:
             runners[f"pytorch {layout}"] = torch_runner(arch, x, y, FLAGS.steps, device, layout)
-    variants = []  # a lever for another model's class is dropped from the variant
+    import jax_levers
+
+    variants = []  # a lever that does not reach this model is dropped from the variant
     for v in FLAGS.jax_variants:
-        kept = "+".join(lever for lever in v.split("+") if MODEL_ONLY.get(lever, arch) == arch)
+        kept = jax_levers.for_arch(v, arch)
         if kept and kept not in variants:
             variants.append(kept)
+    timed = {frozenset(jax_levers.levers(v)) for v in variants}
+    built = {}  # levers -> build_step result, kept for the variants to time
+
+    def lower_text(v):
+        result = build_step(arch, v, x, y)
+        if frozenset(jax_levers.levers(v)) in timed:
+            built[frozenset(jax_levers.levers(v))] = result
+        return result[0].as_text()
+
+    lower_text = jax_levers.memoised(lower_text)
     for variant in variants:
-        run, compile_s, flops[variant] = jax_runner(arch, variant, x, y, FLAGS.steps)
+        jax_levers.check_changes(variant, lower_text)  # raises if a lever changed nothing
+        result = built.pop(frozenset(jax_levers.levers(variant)), None)
+        run, compile_s, flops[variant] = jax_runner(
+            result or build_step(arch, variant, x, y), FLAGS.steps)
         runners["jax " + variant] = run
         print(f"{arch:<6} jax {variant:<18} compile {compile_s:6.1f} s, "
               f"{flops[variant] / 1e9:.1f} GFLOP/step (XLA cost analysis)")
@@ -261,7 +298,7 @@ def main(argv):
     if FLAGS.ablation:
         return ablation()
     set_xla_flags()
-    bench_util.start_frameworks()
+    bench_util.start_frameworks(torch=FLAGS.torch)
     print(f"AT step: PGD-{FLAGS.pgd_steps} ({FLAGS.variant} modes) + SGD-momentum, batch "
           f"{FLAGS.batch}, {FLAGS.steps} steps per repetition, {FLAGS.repeats} repetitions; "
           f"wrn = WRN-{FLAGS.wrn_depth}-{FLAGS.wrn_width}")

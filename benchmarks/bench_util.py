@@ -52,19 +52,23 @@ def others_share(before, after, seconds: float) -> str:
     return f"{max(busy, 0) / ticks / seconds:.2f} cores"
 
 
-def start_frameworks() -> None:
-    """Imports JAX and PyTorch (after XLA_FLAGS are final), gives PyTorch every core and
-    cuDNN autotuning (GPU: fixed shapes), and prints the machine header."""
+def start_frameworks(torch: bool = True) -> None:
+    """Imports JAX and, with `torch`, PyTorch (after XLA_FLAGS are final), gives PyTorch every
+    core and cuDNN autotuning (GPU: fixed shapes), and prints the machine header."""
     import jax
-    import torch
 
-    torch.set_num_threads(os.cpu_count())
-    torch.backends.cudnn.benchmark = True
+    if torch:
+        import torch as torch_lib
+
+        torch_lib.set_num_threads(os.cpu_count())
+        torch_lib.backends.cudnn.benchmark = True
+        torch_info = f"torch {torch_lib.__version__}, {torch_lib.get_num_threads()} threads"
+    else:
+        torch_info = "torch not used"
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; CPU {cpu_model()}, "
           f"{os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].device_kind} "
-          f"x{jax.device_count()}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
-          f"{load_average()}")
+          f"x{jax.device_count()}; {torch_info}\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"load average {load_average()}")
 
 
 def alternate(model: str, runners: dict[str, Callable[[], float]], repeats: int,

@@ -1,244 +1,153 @@
-"""In-process speed levers of the JAX step, applied by patching while a step is built and traced.
+"""Speed levers of the JAX programs the benchmarks time, as explicit options (no patching).
 
-A variant is '+'-joined lever names ("base" = the library as it is). The library already has
-three levers of its own (jax_robust/layers.py, models.py); these variants take them back out:
-  xlapool     `max_pool_2x2` as a plain reshape-and-max left to autodiff (the library's takes
-              the max of the four window corners and has a custom VJP)
-  xlaconv     the first conv's input gradient left to XLA (the library's `small_input_conv`
-              computes it as one matmul plus an overlap-add of the kh*kw taps)
-  biasfirst   CNN1 adds its conv2 bias before the pool, as the official net is written (the
-              library adds it after: pool(z) + b = pool(z + b) exactly, and the bias gradient
-              then sums the 4x smaller pooled map)
-  flaxbn      `nn.BatchNorm` (XLA reductions) in place of the library's `models.BatchNorm`
-              (per-channel sums and their gradients as ones-vector dots)
-and these try others:
-  rolled      PGD loop as a rolled `lax.fori_loop` (the library unrolls it)
-  nnpool      `nn.max_pool` instead of the library's `max_pool_2x2`
-  flipconv    stride-1 NHWC/HWIO convolutions with a custom VJP: the input gradient is a plain
-              forward convolution of the padded cotangent with the flipped, in/out-swapped kernel
-              (physically transposed, canonical dimension numbers); the kernel gradient is JAX's
-  poolidx     `max_pool_2x2` with PyTorch's gradient: all of g to the FIRST maximum of each window
-              (row-major), from a saved int8 window index: the backward reads g and the index
-              only, not the input again
-  biasdot     the transpose of an implicit broadcast over leading axes (a bias add's bias
-              gradient: a column sum over N*H*W) as ones[1, N*H*W] @ g[N*H*W, C], a dot,
-              instead of XLA's reduce (~10x slower on CPU for [128, 24, 24, 64]); big ones only
-  relupool    CNN2 pools before its ReLU: relu(pool(conv)) = pool(relu(conv)) exactly, values
-              and gradients (max and ReLU commute); the ReLU then runs on the pooled map
-  nodonate    the step jitted without donating the state
-  rbg, unsafe_rbg, threefry   the PRNG implementation of the step's key
-Patches are undone when the `patched` context exits; tracing (`.lower`) must happen inside it.
+A variant is '+'-joined lever names; "base" is `config.CPU_SPEED`, every CPU speed option of
+the library on (jax_robust/layers.py, models.py). Each speed lever takes one
+`config.SpeedConfig` field back to its plain form (`config.PLAIN_SPEED`'s value):
+  xlapool     pool_grad='autodiff': the 2x2 max-pool as a reshape-and-max left to autodiff
+              (the library's takes the max of the four window corners, with a custom VJP)
+  xlaconv     first_conv_grad='xla': the first conv's input gradient left to XLA (the
+              library's `layers.small_input_conv`: one matmul plus an overlap-add of the taps)
+  biasfirst   conv_bias_after_pool=False: CNN1 adds its conv2 bias before the pool, as the
+              official net is written (the library adds it after: pool(z) + b = pool(z + b)
+              exactly, and the bias gradient then sums the 4x smaller pooled map)
+  flaxbn      channel_sums='reduce': BatchNorm's per-channel sums (and their gradients) as
+              XLA reductions, as `nn.BatchNorm` computes them (the library's: ones-vector dots)
+  rolled      attack_unroll=False: the PGD / lipschitz loops as rolled `lax.fori_loop`s
+and the PRNG implementation of every key made while the variant is built (the step's key, so
+its dropout masks and random starts), set with `jax.config.update('jax_default_prng_impl',
+...)` by `prng(variant)` and put back when it exits:
+  rbg, unsafe_rbg, threefry   ('threefry' is 'threefry2x32', JAX's default: a no-op unless
+                              the process's default is another, so the self-check refuses it)
+A lever only reaches some models: xlapool and xlaconv the CNNs (the WRN has no pool, and its
+first conv takes no speed option), biasfirst CNN1, flaxbn the nets with BatchNorm (WRN,
+ResNet-50); `applies(lever, arch)` says which, and the benchmarks drop the others.
+
+Self-check: `check_changes(variant, lower_text)` lowers the variant and, for each of its
+levers, the variant without that lever ("base" for a single lever), and raises `LeverError`
+("lever X did not change the program") where the two StableHLO texts are equal. The benchmarks
+run it for every variant before timing it, so a lever that silently stopped reaching the
+program is an error, not a "1.00x" row.
+
+No longer built: nnpool (`nn.max_pool`), flipconv (a flipped-kernel input-gradient VJP),
+poolidx (PyTorch's first-max pool gradient from a saved index; now `pool_ties='first'`, a
+semantic option rather than a speed lever), biasdot (bias gradients as ones-vector dots, by
+patching a private JAX function), relupool (CNN2's ReLU after the pool) and nodonate (the step
+jitted without donation). They needed module attributes or private JAX internals patched, and
+were measured before without gain (BUILD_NOTES.md, "Speed against PyTorch eager", has their
+numbers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
+import dataclasses
+from typing import Callable, Iterator
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+from jax_robust import config
 
-from jax_robust import layers, models
+# lever -> (SpeedConfig field, the value it sets: the plain form)
+SPEED_LEVERS = {
+    "xlapool": ("pool_grad", "autodiff"),
+    "xlaconv": ("first_conv_grad", "xla"),
+    "biasfirst": ("conv_bias_after_pool", False),
+    "flaxbn": ("channel_sums", "reduce"),
+    "rolled": ("attack_unroll", False),
+}
+PRNG_LEVERS = {"rbg": "rbg", "unsafe_rbg": "unsafe_rbg", "threefry": "threefry2x32"}
+LEVERS = tuple(SPEED_LEVERS) + tuple(PRNG_LEVERS)
+BASE = config.CPU_SPEED
+# The archs a lever reaches (absent: every arch).
+ONLY = {"xlapool": ("cnn1", "cnn2"), "xlaconv": ("cnn1", "cnn2"), "biasfirst": ("cnn1",),
+        "flaxbn": ("wrn", "resnet50")}
 
-LEVERS = ("xlapool", "xlaconv", "biasfirst", "flaxbn", "rolled", "nnpool", "flipconv", "poolidx", "biasdot",
-          "relupool", "nodonate", "rbg", "unsafe_rbg", "threefry")
-_ORIG_CONV = jax.lax.conv_general_dilated
-_ORIG_FORI = jax.lax.fori_loop
-_ORIG_JIT = jax.jit
-_NHWC = ("NHWC", "HWIO", "NHWC")
+for _lever, (_field, _value) in SPEED_LEVERS.items():  # each lever is a plain form
+    assert getattr(config.PLAIN_SPEED, _field) == _value != getattr(BASE, _field), _lever
 
 
-def parse(variant: str) -> set[str]:
-    parts = set() if variant == "base" else set(variant.split("+"))
-    unknown = parts - set(LEVERS)
+class LeverError(ValueError):
+    """A lever that does not change the program it is timed in."""
+
+
+def levers(variant: str) -> list[str]:
+    """The lever names of `variant`, in order ([] for "base"); ValueError for unknown ones."""
+    names = [] if variant == "base" else variant.split("+")
+    unknown = [n for n in names if n not in LEVERS]
     if unknown:
-        raise ValueError(f"unknown levers {sorted(unknown)}; choose from {LEVERS}")
-    return parts
+        raise ValueError(f"unknown levers {unknown} in {variant!r}; choose from "
+                         f"{', '.join(LEVERS)} ('+'-joined), or base")
+    impls = [n for n in names if n in PRNG_LEVERS]
+    if len(impls) > 1:
+        raise ValueError(f"variant {variant!r} names several PRNG implementations {impls}")
+    return names
+
+
+def join(names: list[str]) -> str:
+    return "+".join(names) or "base"
+
+
+def parse(variant: str) -> config.SpeedConfig:
+    """The SpeedConfig of `variant`: config.CPU_SPEED with its speed levers' fields plain."""
+    return dataclasses.replace(BASE, **dict(SPEED_LEVERS[n] for n in levers(variant)
+                                            if n in SPEED_LEVERS))
 
 
 def prng_impl(variant: str) -> str | None:
-    impls = parse(variant) & {"rbg", "unsafe_rbg", "threefry"}
-    return impls.pop() if impls else None
+    """The PRNG implementation `variant` asks for (None: the process's default)."""
+    impls = [PRNG_LEVERS[n] for n in levers(variant) if n in PRNG_LEVERS]
+    return impls[0] if impls else None
 
 
-def _flip_conv_fn(padding):
-    """Stride-1 NHWC/HWIO conv with explicit `padding`; input VJP: the flipped-kernel conv."""
-
-    def conv(x, w):
-        return _ORIG_CONV(x, w, (1, 1), padding, dimension_numbers=_NHWC)
-
-    @jax.custom_vjp
-    def f(x, w):
-        return conv(x, w)
-
-    def fwd(x, w):
-        return conv(x, w), (x, w)
-
-    def bwd(res, g):
-        x, w = res
-        kh, kw = w.shape[:2]
-        w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # [kh, kw, out, in]: an HWIO kernel
-        pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-        gx = _ORIG_CONV(g, w_t, (1, 1), pads, dimension_numbers=_NHWC)
-        gw = jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0]
-        return gx, gw
-
-    f.defvjp(fwd, bwd)
-    return f
+def applies(lever: str, arch: str) -> bool:
+    return arch in ONLY.get(lever, (arch,))
 
 
-def flipconv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-             dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
-    """lax.conv_general_dilated; plain stride-1 NHWC/HWIO convs get the flipped-kernel VJP."""
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    plain = (lhs.ndim == 4 and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-             and tuple(window_strides) == (1, 1) and feature_group_count == 1
-             and batch_group_count == 1 and not kw.get("preferred_element_type")
-             and all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ())))
-    if plain:
-        pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-                if isinstance(padding, str) else padding)
-        pads = tuple(tuple(p) for p in pads)
-        if all(0 <= p <= k - 1 for (lo, hi), k in zip(pads, rhs.shape[:2]) for p in (lo, hi)):
-            return _flip_conv_fn(pads)(lhs, rhs)
-    return _ORIG_CONV(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                      dimension_numbers, feature_group_count, batch_group_count, **kw)
-
-
-def autodiff_max_pool_2x2(x):
-    """Reshape-and-max, its gradient left to autodiff (the library before its custom VJP)."""
-    n, h, w, c = x.shape
-    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-@jax.custom_vjp
-def idx_max_pool_2x2(x):
-    return autodiff_max_pool_2x2(x)
-
-
-def _idx_fwd(x):
-    a, b, c, d = layers._corners(x)  # the library's window corners
-    m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-    first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.int8)
-    return m, (first, x.shape)
-
-
-def _idx_bwd(res, g):
-    first, (n, h, w, c) = res
-    pos = (2 * jnp.arange(2)[:, None] + jnp.arange(2)[None, :]).astype(jnp.int8)  # [2, 2]
-    hit = first[:, :, None, :, None, :] == pos[None, None, :, None, :, None]
-    gx = jnp.where(hit, g[:, :, None, :, None, :], 0.0).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    if (h % 2) or (w % 2):
-        gx = jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    return (gx,)
-
-
-idx_max_pool_2x2.defvjp(_idx_fwd, _idx_bwd)
-
-
-class BiasFirstCNN1(models.CNN1):
-    """CNN1 as the official net is written: conv2's bias added before the pool."""
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = x.astype(self.dtype)
-        c_in = x.shape[-1]
-        x = nn.Conv(32, (3, 3), padding="VALID", kernel_init=models.torch_kernel_init,
-                    bias_init=models.torch_bias_init(9 * c_in), dtype=self.dtype,
-                    conv_general_dilated=models.small_input_conv)(x)
-        x = nn.Conv(64, (3, 3), padding="VALID", kernel_init=models.torch_kernel_init,
-                    bias_init=models.torch_bias_init(9 * 32), dtype=self.dtype)(nn.relu(x))
-        x = models.max_pool_2x2(x)
-        x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(models.TorchDense(128, dtype=self.dtype)(x))
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return models.TorchDense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
-
-
-class ReluPoolCNN2(models.CNN2):
-    """CNN2 with relu(pool(conv)) in place of pool(relu(conv)); same parameters and outputs."""
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = x.astype(self.dtype)
-        for i, features in enumerate((32, 32, 64, 64)):
-            x = nn.Conv(features, (3, 3), padding="VALID",
-                        kernel_init=models.kaiming_normal_fan_in,
-                        bias_init=nn.initializers.zeros, dtype=self.dtype,
-                        conv_general_dilated=models.small_input_conv if i == 0 else None)(x)
-            x = nn.relu(models.max_pool_2x2(x) if i % 2 == 1 else x)
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(models.TorchDense(200, dtype=self.dtype)(x))
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = nn.relu(models.TorchDense(200, dtype=self.dtype)(x))
-        return models.TorchDense(self.num_classes, zero_init=True, dtype=self.dtype)(x).astype(
-            jnp.float32)
-
-
-def _unbroadcast_dot(aval, x, _orig=None):
-    """lax's `_unbroadcast` (the transpose of an implicit broadcast, e.g. a bias add): a
-    ones-vector dot instead of reduce_sum when it sums the leading axes of a large x."""
-    shape = getattr(aval, "shape", None)
-    if shape and x.size >= 65536 and len(shape) == x.ndim and tuple(shape) != x.shape:
-        lead = next((i for i in range(x.ndim) if shape[i] != 1), x.ndim)
-        if lead > 0 and tuple(shape[lead:]) == x.shape[lead:]:
-            rows = int(math.prod(x.shape[:lead]))
-            out = jnp.ones((1, rows), x.dtype) @ x.reshape(rows, -1)
-            return out.reshape(shape)
-    return _orig(aval, x)
-
-
-def _rolled_fori(lower, upper, body, init, *, unroll=None):
-    del unroll
-    return _ORIG_FORI(lower, upper, body, init)
-
-
-def _jit_no_donate(fun, **kw):
-    kw.pop("donate_argnums", None)
-    return _ORIG_JIT(fun, **kw)
+def for_arch(variant: str, arch: str) -> str | None:
+    """`variant` without the levers that do not reach `arch`; None if none of its levers do."""
+    names = levers(variant)
+    kept = [n for n in names if applies(n, arch)]
+    return join(kept) if kept or not names else None
 
 
 @contextlib.contextmanager
-def patched(variant: str):
-    parts = parse(variant)
-    saved = []
+def prng(variant: str) -> Iterator[None]:
+    """Sets JAX's default PRNG implementation for `variant` (build and lower inside)."""
+    import jax
 
-    def patch(obj, name, value):
-        saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    if "rolled" in parts:
-        patch(jax.lax, "fori_loop", _rolled_fori)
-    if "xlapool" in parts:
-        patch(models, "max_pool_2x2", autodiff_max_pool_2x2)
-    if "nnpool" in parts:
-        patch(models, "max_pool_2x2", functools.partial(nn.max_pool, window_shape=(2, 2),
-                                                        strides=(2, 2)))
-    if "poolidx" in parts:
-        patch(models, "max_pool_2x2", idx_max_pool_2x2)
-    if "xlaconv" in parts:
-        patch(models, "small_input_conv", None)  # nn.Conv's default: lax.conv_general_dilated
-    if "biasfirst" in parts:
-        patch(models, "CNN1", BiasFirstCNN1)
-    if "flaxbn" in parts:
-        patch(models, "BatchNorm", nn.BatchNorm)
-    if "biasdot" in parts:
-        from jax._src.lax import lax as lax_internal
-
-        patch(lax_internal, "_unbroadcast", functools.partial(
-            _unbroadcast_dot, _orig=lax_internal._unbroadcast))
-    if "relupool" in parts:
-        patch(models, "CNN2", ReluPoolCNN2)
-    if "flipconv" in parts:
-        patch(jax.lax, "conv_general_dilated", flipconv)
-    if "nodonate" in parts:
-        patch(jax, "jit", _jit_no_donate)
+    impl = prng_impl(variant)
+    before = jax.config.jax_default_prng_impl
+    if impl is not None:
+        jax.config.update("jax_default_prng_impl", impl)
     try:
         yield
     finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
+        if impl is not None:
+            jax.config.update("jax_default_prng_impl", before)
+
+
+def check_changes(variant: str, lower_text: Callable[[str], str]) -> None:
+    """Raises LeverError unless every lever of `variant` changes the lowered program.
+
+    lower_text(v) -> the StableHLO text of the program built for variant v
+    (`jitted.lower(*args).as_text()`); called for `variant` and, per lever, for `variant`
+    without it. Memoise it: several variants share their sub-variants ("base" above all).
+    """
+    names = levers(variant)
+    text = lower_text(join(names))
+    for i, name in enumerate(names):
+        other = join(names[:i] + names[i + 1:])
+        if lower_text(other) == text:
+            raise LeverError(f"lever {name} did not change the program: {join(names)} and "
+                             f"{other} lower to the same StableHLO")
+
+
+def memoised(lower_text: Callable[[str], str]) -> Callable[[str], str]:
+    """lower_text cached per set of levers (order-free: 'a+b' and 'b+a' lower once)."""
+    cache: dict[frozenset, str] = {}
+
+    def cached(variant: str) -> str:
+        key = frozenset(levers(variant))
+        if key not in cache:
+            cache[key] = lower_text(variant)
+        return cache[key]
+
+    return cached

@@ -5,6 +5,7 @@ the official PyTorch procedure (`estimate_local_lip_v2`, OFFICIAL_CODE.md sectio
     python benchmarks/lipschitz.py --models=cnn2 --batch=512 --repeats=9
     python benchmarks/lipschitz.py --torch_recompute_fx  # PyTorch as coded: f(x) every step
     python benchmarks/lipschitz.py --jax_variants=base,xlapool+xlaconv+biasfirst   # benchmarks/jax_levers.py
+    python benchmarks/lipschitz.py --notorch             # JAX only (torch not imported)
 
 Per batch: x' = x + 0.001 N(0, 1); 10 times x' <- clip(proj_eps(x' + 0.003 sign(grad(-R)))),
 R the batch mean of ||f(x) - f(x')||_1 / ||(x - x') + 1e-6||_inf on logits (eval mode); then
@@ -15,21 +16,21 @@ printed as a check (the noise differs, so they agree roughly, not exactly). f(x)
 once on both sides unless --torch_recompute_fx (the official code recomputes it each step).
 
 Timing as benchmarks/at_step.py: compile apart, --warmup, then --repeats repetitions of
---calls batches each, alternating PyTorch and JAX (each --jax_variants entry; "base" is the
-library's `lipschitz_estimate` itself); median images/s; a final markdown table.
+--calls batches each, alternating PyTorch and JAX (each --jax_variants entry: the library's
+`lipschitz_estimate` on `models.build_model(..., speed=jax_levers.parse(variant))`, with
+`unroll=speed.attack_unroll`; "base" = config.CPU_SPEED); median images/s; a final markdown
+table. Levers that do not reach a model are dropped for it; every variant is checked, before
+timing, to lower to another program than the same variant without each of its levers.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-import bench_util  # noqa: E402
+import bench_util
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cnn1", "cnn2"], "cnn1, cnn2")
@@ -44,6 +45,7 @@ flags.DEFINE_bool("torch_recompute_fx", False, "PyTorch evaluates f(x) in every 
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants (benchmarks/jax_levers.py)")
 flags.DEFINE_float("peak_tflops", None, "device peak TFLOP/s (float32) for the MFU column")
+flags.DEFINE_bool("torch", True, "time the PyTorch baseline")
 
 SHAPE = (28, 28, 1)
 
@@ -79,50 +81,78 @@ def measure(arch):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
 
     import jax_levers
-    import torch_models
-    from jax_robust import models
-    from jax_robust.lipschitz import lipschitz_estimate, lipschitz_ratios
+    from jax_robust import models, recipes
+    from jax_robust.lipschitz import lipschitz_estimate
 
-    module = models.build_model(arch, 10, SHAPE)
-    params, _ = models.init_model(module, jax.random.key(0), SHAPE)
+    def build_model(variant):
+        return models.build_model(arch, 10, SHAPE, dropout=recipes.ARCH_DROPOUT[arch],
+                                  speed=jax_levers.parse(variant))
+
+    params, _ = models.init_model(build_model("base"), jax.random.key(0, impl="threefry2x32"),
+                                  SHAPE)
     params = jax.tree_util.tree_map(  # CNN2's zero last layer (and zero biases) -> random
-        lambda p: p if jnp.any(p) else 0.05 * jax.random.normal(jax.random.key(2), p.shape),
-        params)
+        lambda p: p if jnp.any(p) else 0.05 * jax.random.normal(
+            jax.random.key(2, impl="threefry2x32"), p.shape), params)
     variables = {"params": params}
 
     rng = np.random.default_rng(0)
     x = rng.random((FLAGS.batch, *SHAPE), dtype=np.float32)
     x_jax = jnp.asarray(x)
-    key = jax.random.key(1)
-    compiled, flops = {}, {}
-    for variant in FLAGS.jax_variants:
-        with jax_levers.patched(variant):  # a fresh module, closure and jit: a fresh trace
-            mod = models.build_model(arch, 10, SHAPE)
+
+    def lower(variant):
+        """(lowered estimate, key, lower seconds) for `variant`, under its PRNG setting."""
+        with jax_levers.prng(variant):
+            mod = build_model(variant)  # a fresh module and closure: a fresh trace
 
             def apply_fn(v, z, mod=mod):
                 return mod.apply(v, z, train=False)
 
-            estimate = lipschitz_estimate if variant == "base" else jax.jit(
-                lambda *a, **k: lipschitz_ratios(*a, **k),
-                static_argnames=("apply_fn", "direction"))
+            key = jax.random.key(1)
             start = time.perf_counter()
-            compiled[variant] = estimate.lower(
+            lowered = lipschitz_estimate.lower(
                 apply_fn=apply_fn, params=variables, x=x_jax, eps=FLAGS.eps, key=key,
-                direction="descent").compile()
-            compile_s = time.perf_counter() - start
+                direction="descent", unroll=jax_levers.parse(variant).attack_unroll)
+            return lowered, key, time.perf_counter() - start
+
+    variants = []  # a lever that does not reach this model is dropped from the variant
+    for v in FLAGS.jax_variants:
+        kept = jax_levers.for_arch(v, arch)
+        if kept and kept not in variants:
+            variants.append(kept)
+    timed = {frozenset(jax_levers.levers(v)) for v in variants}
+    lowerings = {}
+
+    def lower_text(v):
+        result = lower(v)
+        if frozenset(jax_levers.levers(v)) in timed:
+            lowerings[frozenset(jax_levers.levers(v))] = result
+        return result[0].as_text()
+
+    lower_text = jax_levers.memoised(lower_text)
+    compiled, flops, keys = {}, {}, {}
+    for variant in variants:
+        jax_levers.check_changes(variant, lower_text)  # raises if a lever changed nothing
+        lowered, keys[variant], lower_s = (lowerings.pop(frozenset(jax_levers.levers(variant)),
+                                                         None) or lower(variant))
+        start = time.perf_counter()
+        compiled[variant] = lowered.compile()
+        compile_s = lower_s + time.perf_counter() - start
         flops[variant] = bench_util.flops_of(compiled[variant])
         print(f"{arch:<6} jax {variant:<18} compile {compile_s:6.1f} s, "
               f"{flops[variant] / 1e9:.2f} GFLOP/batch")
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch_names = [f"pytorch {layout}" for layout in FLAGS.torch_layouts]
-    means = {name: [] for name in torch_names + [f"jax {v}" for v in FLAGS.jax_variants]}
+    torch_names = [f"pytorch {layout}" for layout in FLAGS.torch_layouts] if FLAGS.torch else []
+    means = {name: [] for name in torch_names + [f"jax {v}" for v in variants]}
 
     def torch_runner(layout, name):
+        import torch
+
+        import torch_models
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         net = torch_models.build(arch)
         net.load_state_dict(torch_state_dict(arch, params))
@@ -140,7 +170,7 @@ def measure(arch):
             return bench_util.timed(go)
         return run
 
-    def jax_runner(fn, name):
+    def jax_runner(fn, key, name):
         def run():
             def go():
                 outs = [fn(params=variables, x=x_jax, eps=FLAGS.eps,
@@ -152,19 +182,19 @@ def measure(arch):
 
     runners = {name: torch_runner(layout, name)
                for layout, name in zip(FLAGS.torch_layouts, torch_names)}
-    runners.update({f"jax {v}": jax_runner(compiled[v], f"jax {v}") for v in FLAGS.jax_variants})
+    runners.update({f"jax {v}": jax_runner(compiled[v], keys[v], f"jax {v}") for v in variants})
     for _ in range(FLAGS.warmup):
         for run in runners.values():
             run()
     rates = bench_util.alternate(arch, runners, FLAGS.repeats, FLAGS.batch * FLAGS.calls)
     print(f"{arch:<6} mean estimate: " + ", ".join(
         f"{name} {np.mean(m):.4f}" for name, m in means.items()))
-    base = rates[torch_names[0]]
+    base = rates[torch_names[0]] if torch_names else 0.0
     for layout, name in zip(FLAGS.torch_layouts[1:], torch_names[1:]):
         print(f"{arch:<6} pytorch {layout}: {rates[name]:.1f} img/s, {rates[name] / base:.2f}x "
               f"the {FLAGS.torch_layouts[0]} baseline")
     rows = []
-    for v in FLAGS.jax_variants:
+    for v in variants:
         tflops = flops[v] * rates[f"jax {v}"] / FLAGS.batch / 1e12
         mfu = f", MFU {100 * tflops / FLAGS.peak_tflops:.1f}%" if FLAGS.peak_tflops else ""
         print(f"{arch:<6} jax {v:<18} {tflops * 1e3:.1f} GFLOP/s{mfu}")
@@ -179,10 +209,11 @@ def main(argv):
         from jax_robust.speed_flags import append_speed_flags
 
         append_speed_flags()
-    bench_util.start_frameworks()
+    bench_util.start_frameworks(torch=FLAGS.torch)
     print(f"lipschitz (descent, 10 steps of 0.003, eps {FLAGS.eps}), batch {FLAGS.batch}, "
-          f"{FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; PyTorch "
-          f"{'recomputes' if FLAGS.torch_recompute_fx else 'computes once'} f(x)")
+          f"{FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; " + (
+              f"PyTorch {'recomputes' if FLAGS.torch_recompute_fx else 'computes once'} f(x)"
+              if FLAGS.torch else "PyTorch not used"))
     sys.stdout.flush()
     rows = [row for arch in FLAGS.models for row in measure(arch)]
     print(f"load average after: {bench_util.load_average()}")

@@ -33,17 +33,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from jax_robust.speed_flags import one_host_device_per_core  # noqa: E402  (no jax import)
+from jax_robust.speed_flags import one_host_device_per_core  # imports no JAX
 
 one_host_device_per_core()
 
 import bench_util  # noqa: E402
-import cli  # noqa: E402,F401  (sets XLA flags before jax is imported)
 from absl import flags  # noqa: E402
+from experiments import cli  # noqa: E402  (run_main sets the speed flags before JAX starts)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "fashion_mnist", "data set (see jax_robust.data)")

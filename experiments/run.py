@@ -177,7 +177,8 @@ def main(argv):
 
     def request_stop(signum, frame):
         stop["requested"] = True
-        print(f"signal {signum}: saving a checkpoint and stopping", file=sys.stderr, flush=True)
+        print(f"signal {signum}: stopping (a checkpoint is saved if training)", file=sys.stderr,
+              flush=True)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

@@ -200,8 +200,8 @@ def main(argv):
 
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.eps is not None and not FLAGS.eps > 0:
-        raise UserError(f"--eps must be > 0, got {FLAGS.eps}")
+    if FLAGS.eps is not None and not 0 < FLAGS.eps <= 1:
+        raise UserError(f"--eps must be in (0, 1] (pixel units), got {FLAGS.eps}")
     if FLAGS.max_points is not None and FLAGS.max_points < 1:
         raise UserError(f"--max_points must be >= 1, got {FLAGS.max_points}")
     if FLAGS.n_closest < 1:
@@ -210,11 +210,15 @@ def main(argv):
     if len(set(ds.y_train.tolist())) < 2:
         raise UserError("the training points hold fewer than two classes; raise --max_points")
     info = ds.info
-    workdir = FLAGS.workdir or os.path.join("runs", f"separation_{info.name}")
+    workdir = os.path.expanduser(FLAGS.workdir
+                                 or os.path.join("runs", f"separation_{info.name}"))
     try:
         os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot create --workdir {workdir}: {e}") from None
+        raise UserError(f"--workdir {workdir} is not writable: {e.strerror}") from None
 
     def progress(label):
         return separation.stderr_progress(f"{info.name} {label}") if FLAGS.progress else None

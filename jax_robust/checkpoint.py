@@ -4,17 +4,21 @@ The TrainState holds the step; the data order and every per-step key derive from
 (seed, epoch, step), so the state and the step are all a run needs to resume exactly.
 Checkpoints are written by orbax to a temporary directory and renamed when complete, so a
 killed process leaves at most an unfinished temporary directory, which orbax ignores.
-After each save, a manifest (size and CRC-32 of every file) goes to
-`<directory>/../checkpoint_manifests/<step>.json`; before a restore the files are checked
-against it, so a truncated or corrupted checkpoint is found without handing damaged bytes
-to orbax. A checkpoint that fails the check or the restore is named in a warning and the
-next older one is tried.
+After each save, the step's integrity data (size and CRC-32 of every file) go INTO the step
+directory (`<step>/integrity.json`), so they travel with it; before a restore the files are
+checked against them, so a truncated or corrupted checkpoint is found without handing damaged
+bytes to orbax. A checkpoint without integrity data is not trusted. A checkpoint that fails
+the check or the restore is moved aside to `<directory>_corrupt/<step>` (kept for
+inspection, named in a warning) and the next older one is tried; the run then saves that
+step anew.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 import zlib
 from typing import Any, Callable
 
@@ -31,16 +35,28 @@ def open_manager(directory: str, keep: int) -> ocp.CheckpointManager:
                                  item_names=("state", "meta"))
 
 
-def _manifest_dir(manager: ocp.CheckpointManager) -> str:
-    return os.path.join(os.path.dirname(str(manager.directory)), "checkpoint_manifests")
+INTEGRITY_FILE = "integrity.json"
+
+
+def _legacy_manifest(manager: ocp.CheckpointManager, step: int) -> str:
+    """Where checkpoints of earlier versions kept their manifests (a sibling folder)."""
+    return os.path.join(os.path.dirname(str(manager.directory)), "checkpoint_manifests",
+                        f"{step}.json")
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
 
 
 def _file_digests(step_dir: str) -> dict[str, list[int]]:
-    """{relative path: [size in bytes, CRC-32]} of every file under `step_dir`."""
+    """{relative path: [size in bytes, CRC-32]} of every file under `step_dir` but the
+    integrity file itself."""
     out = {}
     for root, _, files in os.walk(step_dir):
         for name in files:
             path = os.path.join(root, name)
+            if os.path.relpath(path, step_dir) == INTEGRITY_FILE:
+                continue
             crc = 0
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 22):
@@ -51,7 +67,7 @@ def _file_digests(step_dir: str) -> dict[str, list[int]]:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     """Saves `state` and the JSON-able `meta` as checkpoint `step` (blocking), then its
-    manifest; drops the manifests of checkpoints orbax has deleted."""
+    integrity data inside the step directory."""
     from jax_robust.files import write_json_atomic
 
     if step in manager.all_steps():
@@ -59,26 +75,37 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
-    if jax.process_index() != 0:
-        return
-    mdir = _manifest_dir(manager)
-    write_json_atomic(os.path.join(mdir, f"{step}.json"),
-                      _file_digests(os.path.join(str(manager.directory), str(step))))
-    kept = {f"{s}.json" for s in manager.all_steps()}
-    for name in os.listdir(mdir):
-        if name.endswith(".json") and name not in kept:
-            os.remove(os.path.join(mdir, name))
+    if jax.process_index() == 0:
+        step_dir = _step_dir(manager, step)
+        write_json_atomic(os.path.join(step_dir, INTEGRITY_FILE),
+                          {"files": _file_digests(step_dir)})
+
+
+def _expected_digests(manager: ocp.CheckpointManager, step: int) -> dict:
+    path = os.path.join(_step_dir(manager, step), INTEGRITY_FILE)
+    legacy = _legacy_manifest(manager, step)
+    if not os.path.exists(path) and os.path.exists(legacy):
+        path = legacy
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        files = data["files"] if path != legacy else data
+        if not isinstance(files, dict) or not all(
+                isinstance(v, list) and len(v) == 2 for v in files.values()):
+            raise ValueError
+        return files
+    except FileNotFoundError:
+        raise ValueError("it has no integrity data (written by another program, or a save "
+                         "was cut short)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError("its integrity data are unreadable") from None
 
 
 def verify(manager: ocp.CheckpointManager, step: int) -> None:
     """Raises ValueError naming the first file of checkpoint `step` that differs from its
-    manifest (a checkpoint without a manifest is not checked)."""
-    path = os.path.join(_manifest_dir(manager), f"{step}.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        expected = json.load(f)
-    actual = _file_digests(os.path.join(str(manager.directory), str(step)))
+    integrity data, or saying that they are missing or unreadable."""
+    expected = _expected_digests(manager, step)
+    actual = _file_digests(_step_dir(manager, step))
     for name, (size, crc) in expected.items():
         if name not in actual:
             raise ValueError(f"file {name} is missing")
@@ -88,12 +115,24 @@ def verify(manager: ocp.CheckpointManager, step: int) -> None:
             raise ValueError(f"file {name} does not match its checksum")
 
 
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves checkpoint `step` to `<directory>_corrupt/<step>[-<time>]`; returns the path."""
+    target = os.path.join(f"{manager.directory}_corrupt", str(step))
+    if os.path.exists(target):
+        target += f"-{int(time.time())}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(_step_dir(manager, step), target)
+    manager.reload()
+    return target
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    warn: Callable[[str], None] = print) -> tuple[Any, dict, int] | None:
-    """(state, meta, step) of the newest checkpoint that restores, or None if there is none.
+    """(state, meta, step) of the newest checkpoint that verifies and restores, or None if
+    there is none. Each one that does not is moved aside (`move_aside`) with a warning.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings) of the state.
-    Raises CheckpointError if checkpoints exist but none of them restores.
+    Raises CheckpointError if checkpoints existed but none of them restores.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     errors = []
@@ -108,9 +147,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                 raise ValueError("its structure does not match the model")
             return state, dict(restored["meta"]), step
         except Exception as e:  # orbax raises many kinds for a damaged checkpoint
-            path = os.path.join(str(manager.directory), str(step))
+            path = _step_dir(manager, step)
             detail = " ".join(str(e).split())[:200]
             msg = f"checkpoint {path} cannot be restored ({detail})"
+            if jax.process_index() == 0:
+                msg += f"; moved to {move_aside(manager, step)}"
             errors.append(msg)
             warn(f"warning: {msg}; trying an older one" if step != steps[-1] else
                  f"warning: {msg}")

@@ -124,7 +124,14 @@ def _find_idx(data_dir: str, stem: str) -> str | None:
 
 
 def has_idx_files(data_dir: str | None) -> bool:
-    return bool(data_dir) and all(_find_idx(data_dir, s) for s in IDX_FILES.values())
+    """Whether `data_dir` holds all four IDX files; DataError if it holds only some."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return False
+    found = {s: _find_idx(data_dir, s) for s in IDX_FILES.values()}
+    missing = [s for s, path in found.items() if path is None]
+    if missing and len(missing) < len(found):
+        raise DataError(f"{data_dir} holds some IDX files but not {', '.join(missing)}[.gz]")
+    return not missing
 
 
 def load_idx_dir(name: str, data_dir: str) -> Dataset:
@@ -138,8 +145,15 @@ def load_idx_dir(name: str, data_dir: str) -> Dataset:
             raise DataError(f"{data_dir} has no {stem}[.gz] (needed for {name})")
         arrays[key] = read_idx(path)
     for split in ("train", "test"):
-        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
-            raise DataError(f"{data_dir}: {split} images and labels differ in count")
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1:
+            raise DataError(f"{data_dir}: {split} images must be an IDX array [N, H, W] and "
+                            f"labels [N]; got shapes {x.shape} and {y.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{data_dir}: {split} images and labels differ in count "
+                            f"({len(x)} and {len(y)})")
+        if len(x) == 0:
+            raise DataError(f"{data_dir}: the {split} split has no images")
     images = {k: arrays[k][..., None].astype(np.float32) / 255.0 for k in ("x_train", "x_test")}
     return _make(
         name, images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"],
@@ -333,11 +347,45 @@ SOURCES: dict[str, Callable[[str | None], Dataset]] = {
 }
 
 
+def check_dataset(ds: Dataset, where: str) -> None:
+    """DataError unless both splits hold images of one shape [N > 0, H, W, C] (the training
+    images may be stored larger and cropped: Restricted ImageNet) with labels [N] in
+    0..K-1, K >= 2, every class present in the training set."""
+    info = ds.info
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        shape = tuple(x.shape)
+        if len(shape) != 4 or shape[0] == 0:
+            raise DataError(f"{where}: the {split} split has no images of shape [N, H, W, C] "
+                            f"(got {shape})")
+        if y.shape != (shape[0],):
+            raise DataError(f"{where}: the {split} labels have shape {y.shape}, the images "
+                            f"{shape}")
+        if min(y) < 0 or max(y) >= info.num_classes:
+            raise DataError(f"{where}: {split} labels must be in 0..{info.num_classes - 1}, "
+                            f"found {int(min(y))}..{int(max(y))}")
+    train_shape = tuple(ds.x_train.shape[1:])
+    if not isinstance(ds.x_train, RecordImages) and train_shape != info.image_shape:
+        raise DataError(f"{where}: training images are {train_shape}, test images "
+                        f"{info.image_shape}; both splits must have one image shape")
+    present = np.unique(ds.y_train)
+    if len(present) < 2:
+        raise DataError(f"{where}: the training set holds {len(present)} class; at least 2 "
+                        f"are needed (raise --max_train?)")
+    if len(present) != info.num_classes:
+        absent = sorted(set(range(info.num_classes)) - set(present.tolist()))
+        shown = ", ".join(str(v) for v in absent[:5]) + (", ..." if len(absent) > 5 else "")
+        raise DataError(f"{where}: labels run to {info.num_classes - 1} but the training set "
+                        f"has no image of class {shown} (labels must be 0..K-1, every class "
+                        f"present)")
+
+
 def load_dataset(name: str, data_dir: str | None = None, max_train: int | None = None,
                  max_test: int | None = None) -> Dataset:
-    """Loads data set `name` (see module doc); `max_train`/`max_test` keep the first points."""
+    """Loads data set `name` (see module doc); `max_train`/`max_test` keep the first points.
+    The result is checked (`check_dataset`)."""
     if name not in SOURCES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
+    data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     if data_dir and not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist")
     ds = SOURCES[name](data_dir)
@@ -350,4 +398,5 @@ def load_dataset(name: str, data_dir: str | None = None, max_train: int | None =
             x_train=head(ds.x_train, max_train), y_train=ds.y_train[:max_train],
             x_test=head(ds.x_test, max_test), y_test=ds.y_test[:max_test],
         )
+    check_dataset(ds, data_dir or name)
     return ds

@@ -14,3 +14,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is corrupt, incomplete or does not match the model."""
+
+
+class Interrupted(Exception):
+    """Work was asked to stop (SIGTERM, Ctrl-C); what was done is saved."""

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jax_robust import models
 from jax_robust.attacks import pgd_cross_entropy
 from jax_robust.augment import center_crop
+from jax_robust.errors import Interrupted
 from jax_robust.lipschitz import lipschitz_ratios
 from jax_robust.pipeline import check_batch_size, eval_batches, shard_batch
 
@@ -69,9 +70,11 @@ def make_eval_step(model_fn: models.ModelFn, *, eps: float, attack_steps: int,
 
 def evaluate(eval_step: Callable, params, model_state, x: np.ndarray, y: np.ndarray,
              key: jax.Array, *, batch_size: int, mesh: Mesh,
-             log: Callable[[str], None] = print, name: str = "") -> dict:
+             log: Callable[[str], None] = print, name: str = "",
+             should_stop: Callable[[], bool] | None = None) -> dict:
     """Accuracy and PGD accuracy (percent), mean lipschitz ratios and `count` over ALL of
-    (x [N, H, W, C], y [N]), each point once; batch b uses key fold_in(key, b)."""
+    (x [N, H, W, C], y [N]), each point once; batch b uses key fold_in(key, b).
+    `should_stop` is polled between batches: when true, `errors.Interrupted` is raised."""
     n = len(x)
     check_batch_size(batch_size, mesh.size, "eval batch size")
     batch_of = eval_batches(n, batch_size)
@@ -79,6 +82,9 @@ def evaluate(eval_step: Callable, params, model_state, x: np.ndarray, y: np.ndar
     n_batches = math.ceil(n / batch_size)
     start = time.time()
     for b in range(n_batches):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped during the {name or 'an'} evaluation; the trained "
+                              f"checkpoint is saved, rerun to evaluate")
         idx, mask = batch_of(b)
         batch = shard_batch(mesh, {"x": x[idx], "y": y[idx], "mask": mask})
         sums = eval_step(params, model_state, batch, jax.random.fold_in(key, b))

@@ -44,7 +44,7 @@ def _corners(x: jax.Array) -> list[jax.Array]:
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2/2 max-pool of x [n, h, w, c] -> [n, h//2, w//2, c] (PyTorch's floor mode)."""
-    a, b, c, d = _corners(x)  # elementwise maxima: ~2x faster on CPU than a reduce
+    a, b, c, d = _corners(x)  # elementwise maxima: faster on CPU than a reduce
     return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 

@@ -230,7 +230,7 @@ class Linear(nn.Module):
         return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
-MIN_SIZE = {"cnn1": 6, "cnn2": 16, "wrn": 8, "resnet50": 32, "linear": 1}
+MIN_SIZE = {"cnn1": 6, "cnn2": 16, "wrn": 16, "resnet50": 32, "linear": 1}
 
 
 def check_input_size(arch: str, image_shape: tuple[int, int, int]) -> None:

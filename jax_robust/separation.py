@@ -19,7 +19,7 @@ Two arithmetic paths, chosen by the input dtype:
          64 lanes per AVX-512 register. Distances come back as int32 grey levels; divide by the
          data set's `levels` (255 for 8-bit images) for pixel units.
   float  float32 |a - b| then max, the operations NumPy does, so results equal NumPy's bit for
-         bit. Distances come back as float32 pixel units. About 7x slower than uint8 on CPU.
+         bit. Distances come back as float32 pixel units. Slower than uint8 (BUILD_NOTES.md).
 Ties: among points at the same distance the smallest index wins (np.argmin's rule).
 
 How (memory O(block^2 + N), never N x N x D): points are sorted by class and each class padded
@@ -35,19 +35,17 @@ Train-train: the list of block pairs (I, J) with class(I) < class(J) is split ov
 each tile updates the minima of both blocks' points. A host loop over jitted calls reports
 progress (`stderr_progress`). Block sizes (`Tiling`) change speed, never results.
 
-Speed (2-core Xeon with AVX-512, jaxlib 0.10.2; BUILD_NOTES has the commands): full
-Fashion-MNIST train-train (60,000 x 60,000 x 784) took 23 s wall / 20 CPU-s on a shared,
-loaded machine, about 150x scikit-learn's per-class NearestNeighbors(metric="chebyshev") in the
-same run. On CPU, one XLA device per core (XLA_FLAGS=--xla_force_host_platform_device_count=
-<cores>, set by experiments/separation.py) ran 1.7x faster than one device with XLA's intra-op
-threads.
+Speed: BUILD_NOTES.md ("Separation") has the measured figures and commands. On CPU the query
+axis is spread over one XLA device per core (experiments/separation.py sets
+--xla_force_host_platform_device_count=<cores>), which was faster than one device with XLA's
+intra-op threads.
 
 XLA:CPU note (jaxlib 0.10.2): the YNNPACK "reduce" library fusion miscompiles a uint8 subtract
 fused into a max-reduction over a non-minor axis (`max(max(a, b) - min(a, b), axis=1)` returned
-wrong values for 90% of entries; correct with --xla_cpu_experimental_ynn_fusion_type=). The tile
-uses only elementwise ops inside its loop, which is correct under any XLA_FLAGS and the fastest
-form measured; tests check both paths against NumPy. A `dim_chunk` below 16 makes XLA:CPU emit
-code ~40x slower (measured; cause not found).
+most entries wrong; correct with --xla_cpu_experimental_ynn_fusion_type=). The tile uses only
+elementwise ops inside its loop, which is correct under any XLA_FLAGS and the fastest form
+measured; tests check both paths against NumPy. A `dim_chunk` below 16 makes XLA:CPU emit much
+slower code (BUILD_NOTES.md; cause not found).
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
-"""XLA flags that make this project's programs fast on CPU; import before JAX.
+"""XLA flags that make this project's programs fast (and correct) on CPU.
 
 `append_speed_flags()` appends each flag to the user's XLA_FLAGS unless the user already set
-that flag (their value wins). It must run before `jax` is first imported, which is why this
-module imports nothing from JAX. Notebook users: call it in the first cell.
+that flag (their value wins). XLA reads XLA_FLAGS when JAX starts its first backend (the
+first computation or `jax.devices()`), so call it before that: each binary in experiments/
+calls it first thing; notebook users call it in the first cell. This module imports no JAX.
 
 Flags (measured in BUILD_NOTES.md):
   --xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce
-      -individual_convolution: jaxlib 0.10's YNNPACK fusion runs unpadded convolutions ~5x
-      slower than Eigen on this CPU (speed only).
+      -individual_convolution: jaxlib 0.10's YNNPACK fusion runs unpadded convolutions much
+      slower than the Eigen path (speed only).
       -reduce: its YNNPACK reduce fusion MISCOMPILES a uint8 subtraction fused into a max over
-      a non-minor axis (94% of entries wrong; tests/test_attacks.py checks the fix).
+      a non-minor axis (most entries wrong; tests/test_attacks.py checks the fix).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def one_host_device_per_core() -> None:
     """One XLA:CPU device per core, unless XLA_FLAGS already says how many (before jax).
 
     For work sharded over devices without collectives in its inner loop (the separation
-    scan): on the 2-core CPU two single-threaded devices ran it 1.7x faster than one device
-    using XLA's intra-op threads (BUILD_NOTES.md). Only the CPU platform is affected.
+    scan), where single-threaded devices, one per core, beat one device using XLA's intra-op
+    threads (BUILD_NOTES.md). Only the CPU platform is affected.
     """
     flags_now = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags_now:

@@ -24,7 +24,7 @@ from jax_robust import checkpoint as ckpt
 from jax_robust import config as cfglib
 from jax_robust import data as datalib
 from jax_robust import methods, models, recipes
-from jax_robust.errors import UserError
+from jax_robust.errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from jax_robust.evaluation import evaluate, make_eval_step
 from jax_robust.files import write_json_atomic, write_text_atomic
 from jax_robust.objectives import ObjectiveParams
@@ -39,10 +39,6 @@ class TrainingDiverged(UserError):
 
 class OtherRun(UserError):
     """The workdir holds checkpoints of a run with other settings."""
-
-
-class Interrupted(Exception):
-    """Training was asked to stop (SIGTERM, Ctrl-C) after saving a checkpoint."""
 
 
 # Settings that make a different run: a checkpoint written with others is not resumed.
@@ -170,12 +166,18 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
         if primary:
             write_text_atomic(loop.metrics_path, "".join(line + "\n" for line in lines))
 
+    previous = None
     with TrainBatches(loop.dataset.x_train, loop.dataset.y_train, batch_size, spe,
                       cfg.train.seed) as batches:
         while step < total:
             epoch, i = divmod(step, spe)
             batch = shard_batch(loop.mesh, batches.get(step, prefetch_next=step + 1 < total))
             state, metrics = loop.step_fn(state, batch, loop.key)
+            # At most two steps in flight: a stop request then waits for one step, not for
+            # every step the host has dispatched ahead (SIGTERM latency, BUILD_NOTES.md).
+            if previous is not None:
+                previous.block_until_ready()
+            previous = metrics["step"]
             acc = accumulate_metrics(acc, metrics)
             step += 1
             end_of_epoch = i == spe - 1
@@ -270,7 +272,7 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
                               lip_restarts=e.lipschitz_restarts, unroll=hp.unroll, mesh=mesh,
                               image_hw=image_hw, max_traces=1, **kw)
 
-    ev = dict(batch_size=e.batch_size, mesh=mesh, log=log)
+    ev = dict(batch_size=e.batch_size, mesh=mesh, log=log, should_stop=should_stop)
     train_seconds = float(meta.get("train_seconds", 0.0))
     if not eval_only:
         step_fn = make_train_step(methods.get(t.method).objective, model_fn, optimizer, hp,
