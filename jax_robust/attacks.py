@@ -373,8 +373,9 @@ def apgd_ce(logits_fn, x, y, key, *, eps, steps=100, restarts=1, rho=0.75, alpha
     checkpoint and the best CE did not grow since. Per-example step sizes; one
     `lax.fori_loop`, unrolled by default (`unroll`: XLA:CPU runs a rolled loop's
     convolutions slowly, but an unrolled 100-step loop compiles for long: ~9 s for a linear
-    model on 2 CPU cores, ~1 s rolled). (The reference code compares the first interval's first
-    loss with 0 instead of the start's loss; we use the start's loss, as in the paper.)
+    model and ~20 s for CNN1 on 2 CPU cores, ~2 s rolled). (The reference code compares the
+    first interval's first loss with 0 instead of the start's loss; we use the start's loss,
+    as in the paper.)
 
     Per run the result is the last misclassified iterate if any, else the highest-CE
     iterate. Restarts as `pgd_restarts` (restart 0 uses `key`; the first restart that
