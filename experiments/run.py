@@ -61,6 +61,10 @@ flags.DEFINE_float("lipschitz_step_size", 0.003, "step of the lipschitz estimate
                    "0.003 whatever eps is)")
 flags.DEFINE_integer("train_eval_size", None, "training points evaluated at the end (PGD and "
                      "lipschitz; default all, as the paper); a fixed random subset")
+flags.DEFINE_list("eval_attacks", ["pgd"], "attacks of the final test evaluation: pgd (the "
+                  "paper's PGD-10), multitarget (the official appendix attack), apgd (APGD-CE); "
+                  "results.json gets adv_test_acc_<attack> and the per-example worst case")
+flags.DEFINE_integer("eval_attack_restarts", 1, "random restarts of pgd and apgd there")
 flags.DEFINE_integer("curve_size", 512, "test points of the per-epoch accuracies in "
                      "metrics.jsonl")
 SPEED_FLAGS = {
@@ -81,7 +85,8 @@ flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (def
 flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints (and each epoch end)")
 flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
 flags.DEFINE_integer("log_every", 50, "steps between progress lines")
-flags.DEFINE_bool("eval_only", False, "evaluate the newest checkpoint in --workdir")
+flags.DEFINE_bool("eval_only", False, "evaluate the newest checkpoint in --workdir (with "
+                  "other attack settings than the training's, into results_eps<..>.json)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 
 
@@ -108,7 +113,9 @@ def config_from_flags() -> cfglib.RunConfig:
                                lipschitz_step_size=FLAGS.lipschitz_step_size,
                                lipschitz_restarts=FLAGS.lipschitz_restarts,
                                train_eval_size=FLAGS.train_eval_size,
-                               curve_size=FLAGS.curve_size),
+                               curve_size=FLAGS.curve_size,
+                               attacks=tuple(FLAGS.eval_attacks),
+                               attack_restarts=FLAGS.eval_attack_restarts),
         speed=cfglib.SpeedConfig(**{name: flag.value for name, flag in SPEED_FLAGS.items()}),
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
         log_every=FLAGS.log_every,
@@ -161,6 +168,10 @@ def print_row(r: dict, workdir: str) -> None:
     print("|---" * (len(ROW) + 3) + "|")
     print(f"| {t['method']} | {t['variant']} | " + " | ".join(f"{r[k]:.2f}" for k in ROW)
           + f" | {r['test_lipschitz_ascent']:.2f} |")
+    attacks = [k for k in r if k.startswith("adv_test_acc_") and "_x" not in k]
+    if attacks:
+        print("adv test acc by attack: " + ", ".join(
+            f"{k[len('adv_test_acc_'):]} {r[k]:.2f}" for k in attacks))
     print(f"results: {workdir}/results.json (train {r['train_seconds']:.0f}s, "
           f"eval {r['eval_seconds']:.0f}s)")
 

@@ -10,3 +10,12 @@ before JAX is first imported.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`jax_robust.load_run` (train.load_run), imported on first use."""
+    if name == "load_run":
+        from jax_robust.train import load_run
+
+        return load_run
+    raise AttributeError(f"module 'jax_robust' has no attribute {name!r}")

@@ -159,3 +159,17 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
         raise CheckpointError(f"no checkpoint in {manager.directory} can be restored: "
                               f"{errors[0]}")
     return None
+
+
+def newest_meta(manager: ocp.CheckpointManager) -> dict:
+    """The JSON metadata of the newest checkpoint whose metadata can be read (files checked
+    against the integrity data first); CheckpointError if none."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            verify(manager, step)
+            restored = manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
+            return dict(restored["meta"])
+        except Exception:  # damaged: restore_latest names and moves it
+            continue
+    raise CheckpointError(f"no checkpoint in {manager.directory} has readable metadata")

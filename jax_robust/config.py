@@ -20,6 +20,7 @@ ARCHS = ("cnn1", "cnn2", "wrn", "resnet50", "linear")
 AUGMENTATIONS = ("none", "crop_flip", "crop")
 DTYPES = ("float32", "bfloat16")
 POOL_TIES = ("split", "first")
+EVAL_ATTACKS = ("pgd", "multitarget", "apgd")  # robustness.ATTACKS
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -80,6 +81,10 @@ class EvalConfig:
     lipschitz_restarts: int = 1  # of the ascent estimate
     train_eval_size: int | None = None  # training points evaluated at the end; None: all
     curve_size: int = 512  # test points of the per-epoch clean / PGD accuracy (metrics.jsonl)
+    # Attacks of the final test evaluation beyond the paper's PGD (robustness.ATTACKS), each
+    # reported with the per-example worst case; restarts of pgd and apgd there.
+    attacks: tuple[str, ...] = ("pgd",)
+    attack_restarts: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +189,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("dtype", m.dtype, DTYPES)
     _choice("pool_ties", m.pool_ties, POOL_TIES)
     _choice("optimizer", t.optimizer, OPTIMIZERS)
+    for attack in e.attacks:
+        _choice("eval attack", attack, EVAL_ATTACKS)
+    if not e.attacks:
+        raise UserError("eval attacks must name at least one attack")
     for field, choices in SPEED_CHOICES.items():
         _choice(field, getattr(cfg.speed, field), choices)
     for name, value in (("eps", a.eps), ("attack_step_size", a.step_size), ("lr", t.lr),
@@ -201,6 +210,7 @@ def validate(cfg: RunConfig) -> None:
                         ("lipschitz_restarts", e.lipschitz_restarts),
                         ("lipschitz_steps", e.lipschitz_steps),
                         ("train_eval_size", e.train_eval_size), ("curve_size", e.curve_size),
+                        ("eval attack_restarts", e.attack_restarts),
                         ("max_train", cfg.data.max_train), ("max_test", cfg.data.max_test),
                         ("wrn_width", m.wrn_width)):
         _at_least_one(name, value)

@@ -38,8 +38,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_robust.attacks import apgd_ce, cross_entropy, multitarget_attack, pgd_restarts
+from jax_robust.config import EVAL_ATTACKS
 
-ATTACKS = ("pgd", "multitarget", "apgd")
+ATTACKS = EVAL_ATTACKS
 DEFAULT_STEPS = {"pgd": 10, "multitarget": 20, "apgd": 100}
 # Stream of each pass: key_b = fold_in(fold_in(key, STREAM[name]), batch index). The PGD
 # masking checks share the "pgd" stream (same starts as the base PGD).

@@ -28,6 +28,7 @@ from jax_robust.errors import Interrupted, UserError  # noqa: F401  (Interrupted
 from jax_robust.evaluation import evaluate, make_eval_step
 from jax_robust.files import write_json_atomic, write_text_atomic
 from jax_robust.objectives import ObjectiveParams
+from jax_robust.robustness import evaluate_robustness
 from jax_robust.pipeline import TrainBatches, check_batch_size, make_mesh, replicate, shard_batch
 from jax_robust.schedules import learning_rate, make_optimizer
 from jax_robust.step import TrainState, accumulate_metrics, empty_metrics, make_train_step
@@ -150,6 +151,7 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
                 f"(step {loop.manager.latest_step()}) is kept; lower --lr")
         ckpt.save(loop.manager, step, state, {
             "epoch": epoch, "step": step, "config": cfg.to_dict(),
+            "data_info": dataclasses.asdict(loop.dataset.info),
             "train_seconds": seconds_so_far()})
 
     def append_epoch_line(state, epoch, sums):
@@ -249,7 +251,8 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         log(f"resumed from checkpoint {ck_step} (epoch {meta.get('epoch')}, "
             f"step {int(state.step)}/{total_steps})")
         changed = config_changes(meta.get("config", {}), cfg.to_dict())
-        different_run = [c for c in changed if c.startswith(RUN_IDENTITY)]
+        different_run = [c for c in changed if c.startswith(RUN_IDENTITY)
+                         and not (eval_only and c.startswith("attack."))]
         if different_run:
             raise OtherRun(f"{workdir} holds a run with other {', '.join(different_run)}; "
                            f"use another --workdir")
@@ -297,6 +300,26 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     train = evaluate(eval_step(), state.params, state.model_state, dataset.x_train[subset],
                      dataset.y_train[subset], jax.random.fold_in(eval_key, 1), name="train",
                      **ev)
+    if cfg.eval.attacks != ("pgd",):
+        variables = {"params": state.params, "model_state": state.model_state}
+
+        def apply_fn(v, x):
+            return model_fn(v["params"], v["model_state"], x, False, None)[0]
+
+        robust = evaluate_robustness(
+            apply_fn, variables, dataset.x_test, dataset.y_test, hp.eps, attacks=e.attacks,
+            key=jax.random.fold_in(eval_key, 3), batch_size=e.batch_size,
+            restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll)
+        extra = {f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in e.attacks}
+        extra.update(adv_test_acc_worst=robust["acc_worst"],
+                     zero_grad_fraction=robust["zero_grad_fraction"],
+                     adv_test_acc_pgd_eps_x2=robust["acc_pgd_eps_x2"],
+                     adv_test_acc_pgd_steps_x5=robust["acc_pgd_steps_x5"],
+                     masking_warnings=robust["masking_warnings"])
+        for warning in robust["masking_warnings"]:
+            log(f"warning: {warning}")
+    else:
+        extra = {}
     results = {
         "train_acc": train["acc"],
         "test_acc": test["acc"],
@@ -307,6 +330,7 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         "test_lipschitz_ascent": test["lipschitz_ascent"],
         "gap": train["acc"] - test["acc"],
         "adv_gap": train["adv_acc"] - test["adv_acc"],
+        **extra,
         "examples": {"train": train["count"], "test": test["count"]},
         "steps": int(state.step),
         "train_seconds": train_seconds,
@@ -318,6 +342,60 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         "jax_version": jax.__version__,
         "config": cfg.to_dict(),
     }
+    name = "results.json"
+    trained = meta.get("config", {}).get("attack")
+    if eval_only and trained and trained != results["config"]["attack"]:
+        # Another attack than the training's: the run's own results.json stays as it is.
+        a = cfg.attack
+        name = f"results_eps{a.eps:g}_steps{a.steps}_step{a.step_size:g}.json"
+        results["trained_with_attack"] = trained
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        write_json_atomic(os.path.join(workdir, name), results)
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A trained model of a run directory, ready for evaluation in a notebook."""
+
+    apply_fn: Callable  # (variables, x [B, H, W, C] in [0, 1]) -> logits [B, K], eval mode
+    variables: dict  # {"params": ..., "model_state": ...} (BatchNorm statistics, {} if none)
+    config: cfglib.RunConfig  # the run's resolved configuration
+    info: datalib.DatasetInfo  # what the model was trained on (classes, image shape)
+    step: int  # optimizer steps of the checkpoint
+
+
+def load_run(workdir: str, *, log: Callable[[str], None] = print) -> LoadedRun:
+    """The model of the newest good checkpoint in `workdir` (a run of train_and_evaluate):
+    its inference `apply_fn`, `variables` and the run's config. A damaged checkpoint is
+    moved aside and the next older one used (checkpoint.restore_latest)."""
+    directory = os.path.join(os.path.expanduser(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise UserError(f"{workdir} holds no checkpoints")
+    manager = ckpt.open_manager(directory, keep=1 << 30)
+    meta = ckpt.newest_meta(manager)
+    cfg = cfglib.from_dict(meta["config"])
+    if "data_info" in meta:
+        info = datalib.DatasetInfo(**{**meta["data_info"],
+                                      "image_shape": tuple(meta["data_info"]["image_shape"])})
+    else:  # checkpoints of earlier versions: read the data set's description off the data
+        info = datalib.load_dataset(cfg.data.dataset, cfg.data.data_dir, cfg.data.max_train,
+                                    cfg.data.max_test).info
+    module = build_model(cfg, info)
+    model_fn = models.make_model_fn(module)
+    params, model_state = models.init_model(module, jax.random.key(0), info.image_shape)
+    optimizer = make_optimizer(cfg.train, 1)
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+        replicate(make_mesh(jax.devices()[:1]), TrainState(jnp.int32(0), params, model_state,
+                                                           optimizer.init(params))))
+    restored = ckpt.restore_latest(manager, abstract, warn=log)
+    if restored is None:
+        raise UserError(f"{workdir} holds no checkpoints")
+    state, _, step = restored
+
+    def apply_fn(variables, x):
+        return model_fn(variables["params"], variables["model_state"], x, False, None)[0]
+
+    return LoadedRun(apply_fn, {"params": state.params, "model_state": state.model_state},
+                     cfg, info, step)
