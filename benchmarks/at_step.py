@@ -205,12 +205,8 @@ def measure(arch):
             runners[f"pytorch {layout}"] = torch_runner(arch, x, y, FLAGS.steps, device, layout)
     import jax_levers
 
-    variants = []  # a lever that does not reach this model is dropped from the variant
-    for v in FLAGS.jax_variants:
-        kept = jax_levers.for_arch(v, arch)
-        if kept and kept not in variants:
-            variants.append(kept)
-    timed = {frozenset(jax_levers.levers(v)) for v in variants}
+    # A lever that does not reach this model is dropped from the variant.
+    variants, timed = jax_levers.variants_for(FLAGS.jax_variants, arch)
     built = {}  # levers -> build_step result, kept for the variants to time
 
     def lower_text(v):

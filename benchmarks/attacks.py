@@ -31,11 +31,11 @@ import bench_util  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("attacks", ["pgd", "multitarget", "apgd"], "pgd, multitarget, apgd")
+flags.DEFINE_float("eps", 0.1, "ball radius (MNIST's)")
+flags.DEFINE_integer("apgd_steps", 100, "APGD-CE iterations")
+flags.DEFINE_bool("rolled", False, "keep the attacks' step loops rolled (fast compiles)")
 flags.DEFINE_integer("batch", 128, "images per call")
 flags.DEFINE_integer("repeats", 3, "timed calls per attack (median reported)")
-flags.DEFINE_integer("apgd_steps", 100, "APGD-CE iterations")
-flags.DEFINE_float("eps", 0.1, "ball radius (MNIST's)")
-flags.DEFINE_bool("rolled", False, "keep the attacks' step loops rolled (fast compiles)")
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 
 

@@ -108,6 +108,17 @@ def for_arch(variant: str, arch: str) -> str | None:
     return join(kept) if kept or not names else None
 
 
+def variants_for(jax_variants: list[str], arch: str) -> tuple[list[str], set[frozenset]]:
+    """The distinct variants of `jax_variants` that reach `arch` (levers that do not are
+    dropped from each), and their lever sets."""
+    variants: list[str] = []
+    for v in jax_variants:
+        kept = for_arch(v, arch)
+        if kept and kept not in variants:
+            variants.append(kept)
+    return variants, {frozenset(levers(v)) for v in variants}
+
+
 @contextlib.contextmanager
 def prng(variant: str) -> Iterator[None]:
     """Sets JAX's default PRNG implementation for `variant` (build and lower inside)."""

@@ -116,12 +116,8 @@ def measure(arch):
                 direction="descent", unroll=jax_levers.parse(variant).attack_unroll)
             return lowered, key, time.perf_counter() - start
 
-    variants = []  # a lever that does not reach this model is dropped from the variant
-    for v in FLAGS.jax_variants:
-        kept = jax_levers.for_arch(v, arch)
-        if kept and kept not in variants:
-            variants.append(kept)
-    timed = {frozenset(jax_levers.levers(v)) for v in variants}
+    # A lever that does not reach this model is dropped from the variant.
+    variants, timed = jax_levers.variants_for(FLAGS.jax_variants, arch)
     lowerings = {}
 
     def lower_text(v):

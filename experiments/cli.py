@@ -40,3 +40,13 @@ def run_main(main: Callable, *, before_jax: Callable[[], None] = append_speed_fl
         sys.stderr.write(f"error: {one_line(e)}\n")
         sys.exit(2)
     app.run(wrapped, argv=sys.argv)
+
+
+def parse_milestones(values: list[str] | None) -> tuple[int, ...] | None:
+    """--milestones as a tuple of ints (None: the recipe's); UserError on a non-integer."""
+    from jax_robust.errors import UserError
+
+    try:
+        return None if values is None else tuple(int(m) for m in values if m != "")
+    except ValueError:
+        raise UserError(f"milestones must be integers, got {values}") from None

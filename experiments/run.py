@@ -18,6 +18,7 @@ from experiments import cli
 from jax_robust import config as cfglib
 from jax_robust import methods, recipes
 from jax_robust.errors import UserError
+from jax_robust.files import ensure_writable_dir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("method", "natural", ", ".join(methods.METHODS))
@@ -91,11 +92,7 @@ flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (mult
 
 
 def config_from_flags() -> cfglib.RunConfig:
-    try:
-        milestones = (None if FLAGS.milestones is None
-                      else tuple(int(m) for m in FLAGS.milestones if m != ""))
-    except ValueError:
-        raise UserError(f"milestones must be integers, got {FLAGS.milestones}") from None
+    milestones = cli.parse_milestones(FLAGS.milestones)
     hparams = tuple(sorted((name, flag.value) for name, flag in HPARAM_FLAGS.items()
                            if flag.value is not None))
     return cfglib.RunConfig(
@@ -151,13 +148,7 @@ def prepare(argv: list[str]) -> tuple[cfglib.RunConfig, str]:
     workdir = os.path.expanduser(FLAGS.workdir or default_workdir(resolved))
     if FLAGS.eval_only and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise UserError(f"--eval_only: {workdir} holds no checkpoints")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable: {e.strerror}") from None
+    ensure_writable_dir(workdir)
     return cfg, workdir
 
 

@@ -20,7 +20,7 @@ import time
 from absl import flags
 
 from experiments import cli
-from jax_robust.files import write_json_atomic
+from jax_robust.files import ensure_writable_dir, write_json_atomic
 from jax_robust.speed_flags import append_speed_flags, one_host_device_per_core
 
 FLAGS = flags.FLAGS
@@ -212,13 +212,7 @@ def main(argv):
     info = ds.info
     workdir = os.path.expanduser(FLAGS.workdir
                                  or os.path.join("runs", f"separation_{info.name}"))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--workdir {workdir} is not writable: {e.strerror}") from None
+    ensure_writable_dir(workdir)
 
     def progress(label):
         return separation.stderr_progress(f"{info.name} {label}") if FLAGS.progress else None

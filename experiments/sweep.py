@@ -26,6 +26,7 @@ from experiments import cli
 from jax_robust import config as cfglib
 from jax_robust import methods, recipes
 from jax_robust.errors import UserError
+from jax_robust.files import ensure_writable_dir
 
 FLAGS = flags.FLAGS
 # The paper's ten rows: (method, hyperparameters); a row's name is its method tag.
@@ -97,11 +98,7 @@ def parse_dropouts(values: list[str]) -> list[float | None]:
 
 
 def base_config() -> cfglib.RunConfig:
-    try:
-        milestones = (None if FLAGS.milestones is None
-                      else tuple(int(m) for m in FLAGS.milestones if m != ""))
-    except ValueError:
-        raise UserError(f"milestones must be integers, got {FLAGS.milestones}") from None
+    milestones = cli.parse_milestones(FLAGS.milestones)
     return cfglib.RunConfig(
         data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test),
         model=cfglib.ModelConfig(FLAGS.arch),
@@ -162,13 +159,7 @@ def main(argv):
         if stale and not FLAGS.overwrite:
             raise UserError(f"{os.path.join(root, name)} holds a run made with other "
                             f"{', '.join(stale)}; use another --workdir or --overwrite")
-    try:
-        os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"workdir {root} is not writable: {e.strerror}") from None
+    ensure_writable_dir(root)
 
     from jax_robust import data as datalib
     from jax_robust import report, train

@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 
+from jax_robust.errors import UserError
+
 
 def write_text_atomic(path: str, text: str) -> None:
     """Writes `text` to `path` so that readers see the old file or the whole new one."""
@@ -26,3 +28,14 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def ensure_writable_dir(path: str) -> None:
+    """Makes directory `path` and probes it with a file; UserError if it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {path} is not writable: {e.strerror}") from None

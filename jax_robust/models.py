@@ -57,14 +57,18 @@ class TorchDense(nn.Module):
         return nn.Dense(self.features, kernel_init=k_init, bias_init=b_init, dtype=self.dtype)(x)
 
 
-class CNN1(nn.Module):
-    """Official `CNN001` (PyTorch's MNIST example net). Needs inputs of at least 6x6."""
+class _CNN(nn.Module):
+    """The fields of the MNIST nets."""
 
     num_classes: int = 10
-    dropout: float = 0.5  # the dense dropout; the conv dropout (channel-wise) is dropout / 2
+    dropout: float = 0.5  # CNN1: the dense dropout; its conv dropout (channel-wise) is half
     dtype: Any = jnp.float32
     speed: SpeedConfig = PLAIN_SPEED
     pool_ties: str = "split"  # gradient of tied maxima: 'split' (JAX) or 'first' (PyTorch)
+
+
+class CNN1(_CNN):
+    """Official `CNN001` (PyTorch's MNIST example net). Needs inputs of at least 6x6."""
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -86,14 +90,8 @@ class CNN1(nn.Module):
         return TorchDense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-class CNN2(nn.Module):
+class CNN2(_CNN):
     """Official `CNN002` = TRADES' SmallCNN. Needs inputs of at least 16x16."""
-
-    num_classes: int = 10
-    dropout: float = 0.5
-    dtype: Any = jnp.float32
-    speed: SpeedConfig = PLAIN_SPEED
-    pool_ties: str = "split"  # gradient of tied maxima: 'split' (JAX) or 'first' (PyTorch)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -127,8 +125,8 @@ def _conv(features, kernel, stride=1, pad=None, dtype=jnp.float32, name=None):
                    kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
 
 
-class WRNBlock(nn.Module):
-    """TRADES' pre-activation BasicBlock."""
+class _Block(nn.Module):
+    """The fields of a residual block, and its BatchNorm (call inside `__call__`)."""
 
     features: int
     stride: int
@@ -136,13 +134,20 @@ class WRNBlock(nn.Module):
     dtype: Any = jnp.float32
     speed: SpeedConfig = PLAIN_SPEED
 
+    def norm(self, x, train: bool):
+        return _batch_norm(train, self.dtype, self.speed)(x)
+
+
+class WRNBlock(_Block):
+    """TRADES' pre-activation BasicBlock."""
+
     @nn.compact
     def __call__(self, x, train: bool):
         equal = x.shape[-1] == self.features
-        act = nn.relu(_batch_norm(train, self.dtype, self.speed)(x))
+        act = nn.relu(self.norm(x, train))
         shortcut = x if equal else _conv(self.features, 1, self.stride, 0, self.dtype)(act)
         y = _conv(self.features, 3, self.stride, 1, self.dtype)(act)
-        y = nn.relu(_batch_norm(train, self.dtype, self.speed)(y))
+        y = nn.relu(self.norm(y, train))
         if self.dropout > 0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = _conv(self.features, 3, 1, 1, self.dtype)(y)
@@ -173,27 +178,20 @@ class WideResNet(nn.Module):
                         bias_init=nn.initializers.zeros, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """torchvision Bottleneck (stride on the 3x3 conv); dropout before conv3 if p > 0."""
-
-    features: int
-    stride: int
-    dropout: float
-    dtype: Any = jnp.float32
-    speed: SpeedConfig = PLAIN_SPEED
 
     @nn.compact
     def __call__(self, x, train: bool):
         out_features = 4 * self.features
-        y = nn.relu(_batch_norm(train, self.dtype, self.speed)(_conv(self.features, 1, 1, 0, self.dtype)(x)))
+        y = nn.relu(self.norm(_conv(self.features, 1, 1, 0, self.dtype)(x), train))
         y = _conv(self.features, 3, self.stride, 1, self.dtype)(y)
-        y = nn.relu(_batch_norm(train, self.dtype, self.speed)(y))
+        y = nn.relu(self.norm(y, train))
         if self.dropout > 0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = _batch_norm(train, self.dtype, self.speed)(_conv(out_features, 1, 1, 0, self.dtype)(y))
+        y = self.norm(_conv(out_features, 1, 1, 0, self.dtype)(y), train)
         if self.stride != 1 or x.shape[-1] != out_features:
-            x = _batch_norm(train, self.dtype, self.speed)(
-                _conv(out_features, 1, self.stride, 0, self.dtype)(x))
+            x = self.norm(_conv(out_features, 1, self.stride, 0, self.dtype)(x), train)
         return nn.relu(x + y)
 
 

@@ -64,17 +64,23 @@ def test_sigkill_mid_run_then_resume_gives_the_same_results(tmp_path, uninterrup
     assert results_without_times(tmp_path) == results_without_times(uninterrupted), kill_at
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
-    proc = subprocess.Popen([sys.executable, RUN, *TINY, f"--workdir={tmp_path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(), cwd=ROOT)
+def sigterm_when(args, needle, timeout):
+    """Runs the binary with `args`, sends SIGTERM after a line holding `needle`; returns the
+    output after it, having checked the exit code 130 within `timeout` seconds."""
+    proc = subprocess.Popen([sys.executable, RUN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
     for line in proc.stdout:
-        if "step 3/" in line:
+        if needle in line:
             break
     proc.send_signal(signal.SIGTERM)
     out = proc.stdout.read()
-    assert proc.wait(timeout=120) == 130, out
+    assert proc.wait(timeout=timeout) == 130, out
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+    out = sigterm_when([*TINY, f"--workdir={tmp_path}"], "step 3/", 120)
     import re
 
     stopped = re.search(r"stopped at step (\d+); checkpoint saved", out)
@@ -90,14 +96,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
 def test_sigterm_during_the_final_evaluation_stops_it(tmp_path):
     args = [*TINY, "--epochs=1", "--max_test=160", "--eval_batch_size=8",
             f"--workdir={tmp_path}"]
-    proc = subprocess.Popen([sys.executable, RUN, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
-    for line in proc.stdout:
-        if "eval test 5/20" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out = proc.stdout.read()
-    assert proc.wait(timeout=60) == 130, out
+    out = sigterm_when(args, "eval test 5/20", 60)
     assert "stopped during the test evaluation" in out and "eval test 20/20" not in out, out
     assert not os.path.exists(tmp_path / "results.json")
     again = run(tmp_path, "--epochs=1", "--max_test=160", "--eval_batch_size=8")
