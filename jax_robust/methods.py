@@ -114,8 +114,8 @@ register(Method("llr", objectives.llr_objective, label="LLR", tag="llr", hparams
     HParam("llr_steps", 2, minimum=1, integer=True, help="ascent steps finding delta")),
     cifar_summed_lr=1e-3))
 register(Method("at", objectives.at_objective, label="AT", tag="at", cifar_summed_lr=1e-3))
-register(Method("trades", objectives.trades_objective, label="TRADES(b={beta:g})",
-                tag="trades{beta:g}", hparams=(HParam("beta", 6.0, help="weight of the KL"),)))
 register(Method("rst", objectives.rst_objective, label="RST(l={lam:g})", tag="rst{lam:g}",
                 hparams=(HParam("lam", 1.0, help="weight of the adversarial CE"),),
                 cifar_summed_lr=1e-3))
+register(Method("trades", objectives.trades_objective, label="TRADES(b={beta:g})",
+                tag="trades{beta:g}", hparams=(HParam("beta", 6.0, help="weight of the KL"),)))

@@ -132,7 +132,8 @@ def _cell_key(run: Run) -> tuple:
 
 
 def cells_of(runs: list[Run]) -> list[Cell]:
-    """Runs grouped by configuration, in the order first seen; one data set and arch only."""
+    """Runs grouped by configuration, in the paper's row order (the registry's, then the
+    weights), official before paper; one data set and arch only."""
     where = {(r.config["data"]["dataset"], r.config["model"]["arch"]) for r in runs}
     if len(where) > 1:
         raise UserError(f"the runs mix data sets / archs {sorted(where)}; report them apart")
@@ -149,7 +150,14 @@ def cells_of(runs: list[Run]) -> list[Cell]:
         if not official:
             label += f" +dropout {dropout:g}"
         cells.append(Cell(tag, label, method, variant, dropout, official, group))
-    return cells
+    order = list(methods.METHODS)
+
+    def paper_order(cell: Cell):
+        hp = cell.runs[0].config["train"]["hparams"]
+        return (order.index(cell.method) if cell.method in order else len(order), cell.method,
+                sorted(hp.items()), cell.variant != "official", cell.dropout)
+
+    return sorted(cells, key=paper_order)
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -250,7 +258,7 @@ def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> No
     """Adv test acc against test lipschitz, one labelled point per cell, error bars (std over
     seeds) on both axes; left panel the official (descent) estimator, right the ascent one.
     Circles: official variant, squares: paper; hollow: non-official dropout."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
@@ -267,8 +275,12 @@ def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> No
                         xytext=(-6 if left else 6, 3), textcoords="offset points",
                         ha="right" if left else "left")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = ax.get_xlim()
+        if hi / lo < 4:  # less than the 1-2-5 steps: label the minor ticks too
+            ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel(f"test lipschitz, {name} (log scale)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("adv test acc (%)")

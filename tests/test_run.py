@@ -108,4 +108,4 @@ def test_installed_entry_point_refuses_a_mistake_in_one_line():
     proc = subprocess.run([binary, "--method=nope"], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: unknown method 'nope'; choose one of natural, gr, llr, at, trades, rst")
+        "error: unknown method 'nope'; choose one of natural, gr, llr, at, rst, trades")
