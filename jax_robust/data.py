@@ -279,9 +279,13 @@ class RecordImages:
 
     def head(self, n: int | None) -> "RecordImages":
         """The first n images (all if n is None), still read on demand."""
+        return self.take(np.arange(len(self))[:n])
+
+    def take(self, indices: np.ndarray) -> "RecordImages":
+        """The images at `indices`, still read on demand."""
         out = object.__new__(RecordImages)
         out.__dict__.update(self.__dict__)
-        out.record_ids = self.record_ids[:n]
+        out.record_ids = self.record_ids[np.asarray(indices)]
         out.shape = (len(out.record_ids),) + self.shape[1:]
         return out
 
@@ -335,6 +339,11 @@ def load_restricted_imagenet(data_dir: str | None = None) -> Dataset:
     return _make("restricted_imagenet", RecordImages(train, train_ids, 72, 72), y_train,
                  RecordImages(test, test_ids, 72, 64), y_test, levels=255,
                  num_classes=len(RESTRICTED_IMAGENET_CLASSES))
+
+
+def take(x, indices: np.ndarray):
+    """x[indices] for an image array, without loading anything for `RecordImages`."""
+    return x.take(indices) if isinstance(x, RecordImages) else x[indices]
 
 
 SOURCES: dict[str, Callable[[str | None], Dataset]] = {

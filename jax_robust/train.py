@@ -284,7 +284,8 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
         n_curve = min(e.curve_size, len(dataset.x_test))
 
         def curve(s):
-            return evaluate(curve_step, s.params, s.model_state, dataset.x_test[:n_curve],
+            return evaluate(curve_step, s.params, s.model_state,
+                            datalib.take(dataset.x_test, np.arange(n_curve)),
                             dataset.y_test[:n_curve], jax.random.fold_in(eval_key, 2),
                             log=lambda _: None, batch_size=e.batch_size, mesh=mesh)
 
@@ -297,9 +298,9 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     test = evaluate(eval_step(ascent=True), state.params, state.model_state, dataset.x_test,
                     dataset.y_test, jax.random.fold_in(eval_key, 0), name="test", **ev)
     subset = eval_subset(n_train, e.train_eval_size)
-    train = evaluate(eval_step(), state.params, state.model_state, dataset.x_train[subset],
-                     dataset.y_train[subset], jax.random.fold_in(eval_key, 1), name="train",
-                     **ev)
+    train = evaluate(eval_step(), state.params, state.model_state,
+                     datalib.take(dataset.x_train, subset), dataset.y_train[subset],
+                     jax.random.fold_in(eval_key, 1), name="train", **ev)
     if cfg.eval.attacks != ("pgd",):
         variables = {"params": state.params, "model_state": state.model_state}
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jax_robust import data
+from jax_robust import data, recipes
 from jax_robust.errors import DataError
 
 
@@ -47,7 +47,7 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     np.testing.assert_array_equal(ds.as_uint8("train") / 16.0, ds.x_train)
     again = data.load_dataset("digits")
     np.testing.assert_array_equal(again.x_test, ds.x_test)
-    assert ds.info.eps == 0.1 and ds.info.num_classes == 10
+    assert recipes.recipe(ds.info.name).eps == 0.1 and ds.info.num_classes == 10
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -59,7 +59,7 @@ def test_idx_directory_round_trip(tmp_path, gz):
     np.testing.assert_array_equal(ds.y_test, arrays["y_test"])
     np.testing.assert_allclose(ds.x_test[..., 0], arrays["x_test"] / 255.0, atol=1e-7)
     fm = data.load_dataset("fashion_mnist", data_dir=str(tmp_path))
-    assert fm.info.name == "fashion_mnist" and fm.info.eps == 0.1
+    assert fm.info.name == "fashion_mnist" and recipes.recipe(fm.info.name).eps == 0.1
 
 
 def test_idx_errors_are_user_errors(tmp_path):
@@ -86,17 +86,20 @@ def test_fashion_mnist_from_the_debian_package():
     assert ds.info.levels == 255 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
 
 
-@pytest.mark.parametrize("name,tfds_name,shape", [
-    ("mnist", "mnist", (28, 28, 1)),
-    ("cifar10", "cifar10", (32, 32, 3)),
-    ("svhn", "svhn_cropped", (32, 32, 3)),
+@pytest.mark.parametrize("name,tfds_name,shape,eps", [
+    ("mnist", "mnist", (28, 28, 1), 0.1),
+    ("cifar10", "cifar10", (32, 32, 3), 0.031),
+    ("svhn", "svhn_cropped", (32, 32, 3), 0.031),
 ])
-def test_tfds_sources_under_mock_data(name, tfds_name, shape):
+def test_tfds_sources_under_mock_data(name, tfds_name, shape, eps):
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=12):
+    # 80 mock examples: enough that every class occurs in the training split
+    # (load_dataset refuses a training set that lacks a class).
+    with tfds.testing.mock_data(num_examples=80):
         ds = data.load_dataset(name)
-    assert ds.x_train.shape == (12,) + shape and ds.x_test.shape == (12,) + shape
+    assert ds.x_train.shape == (80,) + shape and ds.x_test.shape == (80,) + shape
+    assert set(ds.y_train.tolist()) == set(range(10))
     assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
     assert ds.y_train.dtype == np.int32 and ds.y_train.max() < 10
     np.testing.assert_array_equal(np.rint(ds.x_train * 255), ds.as_uint8("train"))
-    assert ds.info.eps == data.DEFAULT_EPS[name]
+    assert ds.info.name == name and recipes.recipe(ds.info.name).eps == eps

@@ -1,41 +1,117 @@
 """Hand-written gradients (layers.py) against independent computations, and CNN1's bias order."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_robust import layers, models
+from jax_robust import config, layers, models
 
 
-def numpy_pool_grad(x, g):
-    """Brute force: each 2x2 window's gradient split evenly over its maxima (odd edges: 0)."""
+def numpy_pool_grad(x, g, first=False):
+    """Brute force: each 2x2 window's gradient split evenly over its maxima, or (`first`,
+    PyTorch's rule) all of it to the FIRST maximum in row-major order (0,0), (0,1), (1,0),
+    (1,1); every other pixel, odd edges too, gets 0."""
     gx = np.zeros_like(x)
     n, h, w, c = x.shape
-    for b in range(n):
-        for i in range(h // 2):
-            for j in range(w // 2):
-                for k in range(c):
-                    win = x[b, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2, k]
-                    hit = win == win.max()
-                    gx[b, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2, k] = hit * g[b, i, j, k] / hit.sum()
+    for b, i, j, k in np.ndindex(n, h // 2, w // 2, c):
+        win = x[b, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2, k]
+        hit = (win == win.max()).astype(x.dtype)
+        if first:
+            hit.flat[np.argmax(hit.ravel()) + 1:] = 0  # keep the first hit only
+        gx[b, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2, k] = hit * g[b, i, j, k] / hit.sum()
     return gx
 
 
+@pytest.mark.parametrize("grad", ["corners", "autodiff"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_max_pool_values_and_gradient_against_brute_force(ties):
+def test_max_pool_values_and_gradient_against_brute_force(ties, grad):
     rng = np.random.default_rng(0)
     shape = (2, 7, 6, 3)  # an odd height: the last row is dropped, as PyTorch's floor mode
     x = (rng.integers(0, 3, shape) if ties else rng.normal(size=shape)).astype(np.float32)
     g = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)
-    y, vjp = jax.vjp(layers.max_pool_2x2, jnp.asarray(x))
+    pool = layers.max_pool_2x2 if grad == "corners" else (
+        lambda a: layers.pool_2x2(a, "autodiff"))
+    y, vjp = jax.vjp(pool, jnp.asarray(x))
     np.testing.assert_array_equal(y, nn.max_pool(x, (2, 2), strides=(2, 2)))
     (gx,) = vjp(jnp.asarray(g))
     expected = numpy_pool_grad(x, g)
     if ties:
         assert (expected != 0).sum() > (g != 0).sum()  # some windows do split their gradient
     np.testing.assert_allclose(gx, expected, rtol=1e-6, atol=1e-7)
+
+
+def tied_input(shape, seed=0):
+    """Integer levels 0..2, so many windows hold equal maxima, and one flat all-zero window."""
+    x = np.random.default_rng(seed).integers(0, 3, shape).astype(np.float32)
+    x[0, 2:4, 2:4, 0] = 0.0
+    return x
+
+
+def test_max_pool_first_sends_the_gradient_to_the_first_maximum():
+    rng = np.random.default_rng(1)
+    shape = (2, 7, 5, 3)  # odd height and width: the last row and column get no gradient
+    x = tied_input(shape)
+    g = rng.normal(size=(2, 3, 2, 3)).astype(np.float32)
+    y, vjp = jax.vjp(layers.max_pool_2x2_first, jnp.asarray(x))
+    np.testing.assert_array_equal(y, layers.max_pool_2x2(jnp.asarray(x)))
+    np.testing.assert_array_equal(y, nn.max_pool(x, (2, 2), strides=(2, 2)))
+    (gx,) = vjp(jnp.asarray(g))
+    expected = numpy_pool_grad(x, g, first=True)
+    np.testing.assert_array_equal(gx, expected)  # one cotangent copied per window: exact
+    assert not np.any(np.asarray(gx)[:, 6]) and not np.any(np.asarray(gx)[:, :, 4])
+    # The flat window sends everything to its top-left pixel.
+    np.testing.assert_array_equal(np.asarray(gx)[0, 2:4, 2:4, 0], [[g[0, 1, 1, 0], 0], [0, 0]])
+    # Through pool_2x2 (either grad form) and under jit: the same rule.
+    for grad in ("corners", "autodiff"):
+        gx_pool = jax.jit(jax.grad(lambda a: (layers.pool_2x2(a, grad, "first") * g).sum()))(x)
+        np.testing.assert_array_equal(gx_pool, expected)
+    # The split rule differs on this input (ties do occur), though each window's total
+    # gradient is the same under both rules.
+    (gx_split,) = jax.vjp(layers.max_pool_2x2, jnp.asarray(x))[1](jnp.asarray(g))
+    split_hits = (numpy_pool_grad(x, g) != 0).sum()
+    assert split_hits > (expected != 0).sum() == (g != 0).sum()
+    assert not np.allclose(gx_split, gx)
+
+    def window_sum(a):
+        return np.asarray(a)[:, :6, :4].reshape(2, 3, 2, 2, 2, 3).sum((2, 4))
+
+    np.testing.assert_allclose(window_sum(gx_split), window_sum(gx), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="ties"):
+        layers.pool_2x2(jnp.asarray(x), "corners", "last")
+
+
+@pytest.mark.parametrize("speed", [config.PLAIN_SPEED, config.CPU_SPEED],
+                         ids=["plain", "cpu"])
+def test_cnn1_pool_ties_change_input_gradients_not_logits(speed):
+    # A digit-like image: a random 8x8 patch on a zero background, so the flat background
+    # gives 2x2 pool windows whose four values are equal.
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    x[:, 10:18, 9:17] = np.random.default_rng(0).uniform(size=(2, 8, 8, 1))
+    y = jnp.array([3, 7])
+    first = models.CNN1(dropout=0.5, speed=speed, pool_ties="first")
+    split = models.CNN1(dropout=0.5, speed=speed, pool_ties="split")
+    params, _ = models.init_model(split, jax.random.key(0), (28, 28, 1))
+
+    def logits_and_input_grad(module):
+        def loss(x):
+            logits = module.apply({"params": params}, x, train=False)
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).sum(), logits
+
+        (_, logits), gx = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(x))
+        return np.asarray(logits), np.asarray(gx)
+
+    logits_first, gx_first = logits_and_input_grad(first)
+    logits_split, gx_split = logits_and_input_grad(split)
+    np.testing.assert_array_equal(logits_first, logits_split)
+    assert np.abs(gx_first - gx_split).max() > 1e-3 * np.abs(gx_split).max()
+    # The difference lies where the pool sees the flat background, not only at the patch.
+    background = np.ones((28, 28), bool)
+    background[6:22, 5:21] = False  # the patch and every pixel whose conv windows reach it
+    assert np.abs(gx_first - gx_split)[:, background].max() > 0
 
 
 def plain_conv(x, w, padding):
@@ -85,8 +161,10 @@ def official_cnn1(params, x):
     return dense(jax.nn.relu(dense(x, params["TorchDense_0"])), params["TorchDense_1"])
 
 
-def test_cnn1_bias_after_pool_equals_the_official_order():
-    module = models.CNN1()
+@pytest.mark.parametrize("bias_after_pool", [True, False])
+def test_cnn1_bias_after_pool_equals_the_official_order(bias_after_pool):
+    speed = dataclasses.replace(config.CPU_SPEED, conv_bias_after_pool=bias_after_pool)
+    module = models.CNN1(speed=speed)
     params, _ = models.init_model(module, jax.random.key(0), (28, 28, 1))
     assert jax.tree_util.tree_map(jnp.shape, params)["Conv_1"] == {
         "kernel": (3, 3, 32, 64), "bias": (64,)}  # nn.Conv's names: checkpoints still load
@@ -109,20 +187,26 @@ def test_cnn1_bias_after_pool_equals_the_official_order():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_channel_sum_and_broadcast_are_each_others_gradient():
+@pytest.mark.parametrize("impl", ["dot", "reduce"])
+def test_channel_sum_and_broadcast_are_each_others_gradient(impl):
     x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6))
     v = jax.random.normal(jax.random.key(1), (6,))
-    np.testing.assert_allclose(layers.sum_leading(x), np.asarray(x).sum((0, 1, 2)), rtol=1e-5)
-    gx = jax.grad(lambda x: (layers.sum_leading(x) * v).sum())(x)
+    np.testing.assert_allclose(layers.sum_leading(x, impl), np.asarray(x).sum((0, 1, 2)),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(layers.broadcast_leading(v, x.shape, impl),
+                                  np.broadcast_to(v, x.shape))
+    gx = jax.grad(lambda x: (layers.sum_leading(x, impl) * v).sum())(x)
     np.testing.assert_array_equal(gx, np.broadcast_to(v, x.shape))
-    gv = jax.grad(lambda v: (layers.broadcast_leading(v, x.shape) * x).sum())(v)
+    gv = jax.grad(lambda v: (layers.broadcast_leading(v, x.shape, impl) * x).sum())(v)
     np.testing.assert_allclose(gv, np.asarray(x).sum((0, 1, 2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("channel_sums", ["dot", "reduce"])
 @pytest.mark.parametrize("train", [True, False])
-def test_batchnorm_matches_flax_batchnorm(train):
+def test_batchnorm_matches_flax_batchnorm(train, channel_sums):
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 4))
-    ours = models.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    ours = layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            channel_sums=channel_sums)
     ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
     variables = ref.init(jax.random.key(1), x)
     assert jax.tree_util.tree_structure(ours.init(jax.random.key(1), x)) == (

@@ -1,12 +1,14 @@
 """Models: exact parameter counts (official figures), init, pooling, dropout, size checks."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_robust import models
+from jax_robust import config, models, recipes
 from jax_robust.errors import UserError
 
 
@@ -81,15 +83,37 @@ def test_cnn1_conv_dropout_drops_whole_channels():
 
 def test_arch_that_does_not_fit_is_refused_clearly():
     with pytest.raises(UserError, match="at least 16x16"):
-        models.build_model("cnn2", 10, (8, 8, 1))
+        models.build_model("cnn2", 10, (8, 8, 1), dropout=0.5)
     with pytest.raises(UserError, match="6n\\+4"):
-        models.build_model("wrn", 10, (32, 32, 3), wrn_depth=30)
+        models.build_model("wrn", 10, (32, 32, 3), dropout=0.0, wrn_depth=30)
     with pytest.raises(UserError, match="unknown arch"):
-        models.build_model("vit", 10, (32, 32, 3))
+        models.build_model("vit", 10, (32, 32, 3), dropout=0.0)
 
 
-def test_batchnorm_state_updates_only_in_train_mode():
-    module = models.WideResNet(depth=10, width=1)
+def test_build_model_passes_dropout_speed_and_pool_ties_through():
+    cnn1 = models.build_model("cnn1", 10, (28, 28, 1), dropout=0.3, speed=config.CPU_SPEED,
+                              pool_ties="first")
+    assert isinstance(cnn1, models.CNN1)
+    assert (cnn1.dropout, cnn1.speed, cnn1.pool_ties) == (0.3, config.CPU_SPEED, "first")
+    cnn2 = models.build_model("cnn2", 10, (28, 28, 1), dropout=0.5)
+    assert (cnn2.speed, cnn2.pool_ties) == (config.PLAIN_SPEED, "split")  # the defaults
+    wrn = models.build_model("wrn", 10, (32, 32, 3), dropout=0.0, wrn_depth=10, wrn_width=1,
+                             speed=config.CPU_SPEED)
+    assert (wrn.depth, wrn.width, wrn.speed) == (10, 1, config.CPU_SPEED)
+    assert models.build_model("resnet50", 9, (64, 64, 3), dropout=0.0,
+                              speed=config.CPU_SPEED).speed == config.CPU_SPEED
+    with pytest.raises(TypeError):
+        models.build_model("cnn1", 10, (28, 28, 1))  # dropout has no silent default
+    # The modules' default rates are the official ones the recipes name.
+    for arch, module in (("cnn1", models.CNN1()), ("cnn2", models.CNN2()),
+                         ("wrn", models.WideResNet()), ("resnet50", models.ResNet50())):
+        assert module.dropout == recipes.ARCH_DROPOUT[arch], arch
+
+
+@pytest.mark.parametrize("channel_sums", ["dot", "reduce"])
+def test_batchnorm_state_updates_only_in_train_mode(channel_sums):
+    speed = dataclasses.replace(config.PLAIN_SPEED, channel_sums=channel_sums)
+    module = models.WideResNet(depth=10, width=1, speed=speed)
     params, state = models.init_model(module, jax.random.key(0), (32, 32, 3))
     fn = models.make_model_fn(module)
     x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))

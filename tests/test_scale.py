@@ -15,7 +15,6 @@ from jax_robust import augment, data, models
 from jax_robust.attacks import cross_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
 def test_random_crop_takes_windows_of_the_zero_padded_image():
@@ -58,43 +57,62 @@ def test_resize_shorter_side_then_center_crop_matches_pil():
     np.testing.assert_array_equal(out, ref)
 
 
+def labelled_mock_source(self, split, **kwargs):
+    """A `tfds.testing.mock_data(as_data_source_fn=...)` source: 24 records of random uint8
+    images whose labels cycle through every class (for imagenet2012, through the first fine
+    class of each Restricted ImageNet group), so any 12 consecutive training records hold
+    every class, as `data.load_dataset` requires."""
+    if isinstance(split, (list, tuple)):
+        return [labelled_mock_source(self, s, **kwargs) for s in split]
+    if self.name == "imagenet2012":
+        labels, shape = [first for _, first, _ in data.RESTRICTED_IMAGENET_CLASSES], (80, 96, 3)
+    else:
+        labels = list(range(self.info.features["label"].num_classes))
+        shape = self.info.features["image"].shape
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    return [{"image": rng.integers(0, 256, shape, dtype=np.uint8),
+             "label": labels[i % len(labels)]} for i in range(24)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["--dataset=cifar10", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1", "--method=at"],
     ["--dataset=svhn", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1", "--method=trades",
      "--dropout=0.5"],
-    ["--dataset=restricted_imagenet", "--arch=resnet50", "--method=rst", "--batch_size=4"],
+    ["--dataset=restricted_imagenet", "--arch=resnet50", "--method=rst"],
 ])
 def test_paper_datasets_end_to_end_under_mock_data(tmp_path, argv, capsys):
     tfds = pytest.importorskip("tensorflow_datasets")
-    import run as run_binary
     from absl import flags
 
+    from experiments import run as run_binary
+
     flags.FLAGS.unparse_flags()
+    # 12 training points (every class present) in batches of 6: 2 steps.
     args = ["run.py", *argv, f"--workdir={tmp_path}", "--epochs=1", "--attack_steps=1",
-            "--eval_batch_size=4", "--max_train=8", "--max_test=4", "--log_every=1",
-            "--lipschitz_steps=1"]
-    if "--batch_size=4" not in argv:
-        args.append("--batch_size=4")
+            "--batch_size=6", "--eval_batch_size=4", "--max_train=12", "--max_test=4",
+            "--log_every=1", "--lipschitz_steps=1"]
     try:
-        with tfds.testing.mock_data(num_examples=60):
+        with tfds.testing.mock_data(as_data_source_fn=labelled_mock_source):
             run_binary.main(args)
     finally:
         flags.FLAGS.unparse_flags()
     results = json.load(open(tmp_path / "results.json"))
     dataset = argv[0].split("=")[1]
-    assert results["dataset"] == dataset and results["steps"] == 2
-    assert results["augmentation"] == {"cifar10": "crop_flip", "svhn": "none",
-                                       "restricted_imagenet": "crop"}[dataset]
-    assert results["eps"] == {"cifar10": 0.031, "svhn": 0.031, "restricted_imagenet": 0.005}[
-        dataset]
+    cfg = results["config"]
+    assert cfg["data"]["dataset"] == dataset and results["steps"] == 2
+    assert cfg["data"]["augment"] == {"cifar10": "crop_flip", "svhn": "none",
+                                      "restricted_imagenet": "crop"}[dataset]
+    assert cfg["attack"]["eps"] == {"cifar10": 0.031, "svhn": 0.031,
+                                    "restricted_imagenet": 0.005}[dataset]
     assert "| " in capsys.readouterr().out
 
 
 def test_bfloat16_loss_is_close_to_float32():
     x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
     y = jax.random.randint(jax.random.key(1), (8,), 0, 10)
-    f32 = models.build_model("cnn2", 10, (28, 28, 1), dtype="float32")
-    bf16 = models.build_model("cnn2", 10, (28, 28, 1), dtype="bfloat16")
+    f32 = models.build_model("cnn2", 10, (28, 28, 1), dropout=0.5, dtype="float32")
+    bf16 = models.build_model("cnn2", 10, (28, 28, 1), dropout=0.5, dtype="bfloat16")
     params, _ = models.init_model(f32, jax.random.key(2), (28, 28, 1))
     # A trained-looking last layer (the official init sets it to zero).
     params["TorchDense_2"]["Dense_0"]["kernel"] = 0.3 * jax.random.normal(
@@ -115,7 +133,7 @@ def _run_with_devices(n, workdir):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={n} "
                          "--xla_cpu_collective_call_terminate_timeout_seconds=1200")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--method=trades",
+        [sys.executable, "-m", "experiments.run", "--method=trades",
          "--max_train=128", "--max_test=48", "--epochs=2", "--batch_size=32",
          "--eval_batch_size=16", f"--workdir={workdir}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
@@ -123,6 +141,7 @@ def _run_with_devices(n, workdir):
     return json.load(open(os.path.join(workdir, "results.json")))
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_one_device_results(tmp_path):
     one = _run_with_devices(1, tmp_path / "one")
     eight = _run_with_devices(8, tmp_path / "eight")

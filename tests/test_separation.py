@@ -12,7 +12,6 @@ import pytest
 
 from jax_robust import data, separation
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = data.FASHION_MNIST_DIR
 
 
@@ -179,17 +178,18 @@ def test_exclude_self_skips_a_differently_labelled_duplicate():
         np.testing.assert_array_equal(i, [1, 0, 0, 1])  # ties: the smallest index
 
 
+@pytest.mark.slow
 def test_multi_device_subprocess_matches_numpy(tmp_path):
     """Three forced host devices: the query axis is sharded three ways."""
     script = (
-        "import sys, numpy as np; sys.path.insert(0, %r)\n"
+        "import numpy as np\n"
         "import jax; assert jax.device_count() == 3\n"
         "from jax_robust import data, separation\n"
         "ds = data.load_digits(); x = ds.as_uint8('train').reshape(len(ds.y_train), -1)[:500]\n"
         "y = ds.y_train[:500]\n"
         "d, i = separation.nearest_other_label_distance(x, y, x, y, exclude_self=True)\n"
         "d2, i2 = separation.train_train_distance(x, y, calls=5)\n"
-        "np.save(%r, np.stack([d, i, d2, i2]))\n" % (ROOT, str(tmp_path / "out.npy")))
+        "np.save(%r, np.stack([d, i, d2, i2]))\n" % str(tmp_path / "out.npy"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     d, i, d2, i2 = np.load(tmp_path / "out.npy")
@@ -334,10 +334,11 @@ def test_certificate_is_never_beaten_by_pgd(digits):
 
 
 def run_binary(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "separation.py"),
-                           *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "experiments.separation", *args],
+                          capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_binary_writes_json_and_figures(tmp_path):
     out = run_binary("--dataset=digits", f"--workdir={tmp_path}", "--noprogress")
     assert out.returncode == 0, out.stderr
@@ -358,6 +359,7 @@ def test_binary_writes_json_and_figures(tmp_path):
     assert os.path.exists(tmp_path / "closest_pairs.png")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--dataset=nope", "--eps=0", "--data_dir=/no/such/dir"])
 def test_binary_bad_input_exits_2_with_one_line(tmp_path, flag):
     out = run_binary(flag, f"--workdir={tmp_path}")
