@@ -356,10 +356,11 @@ SOURCES: dict[str, Callable[[str | None], Dataset]] = {
 }
 
 
-def check_dataset(ds: Dataset, where: str) -> None:
+def check_dataset(ds: Dataset, where: str, full: bool = True) -> None:
     """DataError unless both splits hold images of one shape [N > 0, H, W, C] (the training
     images may be stored larger and cropped: Restricted ImageNet) with labels [N] in
-    0..K-1, K >= 2, every class present in the training set."""
+    0..K-1, at least 2 classes in the training set, and (`full`: the whole data set) every
+    class present in it."""
     info = ds.info
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         shape = tuple(x.shape)
@@ -380,7 +381,7 @@ def check_dataset(ds: Dataset, where: str) -> None:
     if len(present) < 2:
         raise DataError(f"{where}: the training set holds {len(present)} class; at least 2 "
                         f"are needed (raise --max_train?)")
-    if len(present) != info.num_classes:
+    if len(present) != info.num_classes and full:
         absent = sorted(set(range(info.num_classes)) - set(present.tolist()))
         shown = ", ".join(str(v) for v in absent[:5]) + (", ..." if len(absent) > 5 else "")
         raise DataError(f"{where}: labels run to {info.num_classes - 1} but the training set "
@@ -398,6 +399,7 @@ def load_dataset(name: str, data_dir: str | None = None, max_train: int | None =
     if data_dir and not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist")
     ds = SOURCES[name](data_dir)
+    check_dataset(ds, data_dir or name)
     if max_train is not None or max_test is not None:
         def head(x, n):
             return x.head(n) if isinstance(x, RecordImages) else x[:n]
@@ -407,5 +409,5 @@ def load_dataset(name: str, data_dir: str | None = None, max_train: int | None =
             x_train=head(ds.x_train, max_train), y_train=ds.y_train[:max_train],
             x_test=head(ds.x_test, max_test), y_test=ds.y_test[:max_test],
         )
-    check_dataset(ds, data_dir or name)
+        check_dataset(ds, f"{data_dir or name} (--max_train/--max_test)", full=False)
     return ds

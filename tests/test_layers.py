@@ -86,6 +86,7 @@ def test_max_pool_first_sends_the_gradient_to_the_first_maximum():
 
 @pytest.mark.parametrize("speed", [config.PLAIN_SPEED, config.CPU_SPEED],
                          ids=["plain", "cpu"])
+@pytest.mark.slow
 def test_cnn1_pool_ties_change_input_gradients_not_logits(speed):
     # A digit-like image: a random 8x8 patch on a zero background, so the flat background
     # gives 2x2 pool windows whose four values are equal.
@@ -122,6 +123,7 @@ def plain_conv(x, w, padding):
 @pytest.mark.parametrize("c_in,kernel,padding", [
     (1, (3, 3), "VALID"), (3, (3, 3), "SAME"), (2, (5, 3), ((2, 0), (1, 2))),
     (4, (3, 3), ((1, 1), (0, 2)))])
+@pytest.mark.slow
 def test_small_input_conv_gradients_match_xla(c_in, kernel, padding):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (3, 9, 8, c_in))
@@ -161,6 +163,7 @@ def official_cnn1(params, x):
     return dense(jax.nn.relu(dense(x, params["TorchDense_0"])), params["TorchDense_1"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias_after_pool", [True, False])
 def test_cnn1_bias_after_pool_equals_the_official_order(bias_after_pool):
     speed = dataclasses.replace(config.CPU_SPEED, conv_bias_after_pool=bias_after_pool)

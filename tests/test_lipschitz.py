@@ -22,6 +22,7 @@ def exact_linear_lipschitz(w):
     return max(np.abs(np.array(s) @ w).sum() for s in itertools.product((-1, 1), repeat=d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ascent_finds_the_exact_maximum_of_a_linear_map(seed):
     rng = np.random.default_rng(seed)
@@ -73,6 +74,7 @@ def test_descent_matches_the_official_procedure_from_the_same_noise(eps):
     np.testing.assert_allclose(got, expected, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_descent_lowers_and_ascent_raises_the_ratio_on_a_cnn():
     module = models.CNN1(num_classes=10, dropout=0.0)
     params, _ = models.init_model(module, jax.random.key(0), (8, 8, 1))

@@ -110,6 +110,7 @@ def test_build_model_passes_dropout_speed_and_pool_ties_through():
         assert module.dropout == recipes.ARCH_DROPOUT[arch], arch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_sums", ["dot", "reduce"])
 def test_batchnorm_state_updates_only_in_train_mode(channel_sums):
     speed = dataclasses.replace(config.PLAIN_SPEED, channel_sums=channel_sums)

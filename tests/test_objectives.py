@@ -176,6 +176,7 @@ def test_objective_loss_and_gradient_match_numpy(method, variant, recorded_start
     assert float(metrics["count"]) == 5
 
 
+@pytest.mark.slow
 def test_official_llr_equals_ce_plus_lambda_ce_at_the_perturbed_point():
     # The official LLR zeroes the input gradient: its loss is CE(x) + lambda CE(x + delta),
     # whatever mu is.

@@ -108,6 +108,7 @@ def test_paper_datasets_end_to_end_under_mock_data(tmp_path, argv, capsys):
     assert "| " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bfloat16_loss_is_close_to_float32():
     x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
     y = jax.random.randint(jax.random.key(1), (8,), 0, 10)

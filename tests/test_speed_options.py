@@ -144,6 +144,7 @@ def test_cnn1_options_change_the_program_not_the_values(field, on, off, marker):
         assert marker in text_on and marker not in text_off
 
 
+@pytest.mark.slow
 def test_channel_sums_change_the_program_not_the_values():
     """WRN-10-1 in train mode: BatchNorm's batch statistics, their running updates and every
     gradient through them, as ones-vector dots against XLA reduces."""
@@ -163,6 +164,7 @@ def test_channel_sums_change_the_program_not_the_values():
     assert text_reduce.count("reduce_sum") > text_dot.count("reduce_sum") + 20
 
 
+@pytest.mark.slow
 def test_attack_unroll_changes_the_program_not_the_values():
     kx, ky, ka = jax.random.split(jax.random.key(0), 3)
     x = jax.random.uniform(kx, (4, 28, 28, 1))

@@ -89,6 +89,7 @@ def test_apgd_checkpoints_follow_the_paper_for_100_steps():
     assert apgd_checkpoints(100) == expected == (22, 41, 57, 70, 80, 87, 93, 99)
 
 
+@pytest.mark.slow
 def test_every_attack_reaches_the_linear_closed_form():
     eps = 0.05
     params, x, y, robust, corner = _binary_linear(eps=eps)

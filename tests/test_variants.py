@@ -42,6 +42,7 @@ def hp(method, variant, steps=3):
                            hparams=methods.get(method).resolve_hparams({}))
 
 
+@pytest.mark.slow
 def test_the_evaluation_runs_the_model_in_eval_mode_only():
     module, params, state = wrn()
     rec = Recorder(models.make_model_fn(module))
@@ -56,6 +57,7 @@ def test_the_evaluation_runs_the_model_in_eval_mode_only():
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["at", "rst"])
 def test_official_at_and_rst_attack_in_train_mode_moving_batchnorm_statistics(method):
     module, params, state = wrn()
@@ -75,6 +77,7 @@ def test_official_at_and_rst_attack_in_train_mode_moving_batchnorm_statistics(me
     assert gap > 1e-3, gap
 
 
+@pytest.mark.slow
 def test_official_trades_takes_a_third_forward_pass_with_its_own_dropout_mask():
     module = models.CNN1(num_classes=4, dropout=0.5)
     params, state = models.init_model(module, jax.random.key(0), (8, 8, 1))
