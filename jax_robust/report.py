@@ -321,6 +321,7 @@ def plot_dropout(cells: list[Cell], path: str, title: str) -> bool:
         return False
     plt = _pyplot()
     keys = ("test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap")
+    names = dict(zip(COLUMNS, HEADERS))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.8))
     for ax, key in zip(axes, keys):
         for (tag, variant), group in multi.items():
@@ -329,7 +330,7 @@ def plot_dropout(cells: list[Cell], path: str, title: str) -> bool:
             ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=2, color=_color(group[0].method),
                         ls="-" if variant == "official" else "--", label=f"{tag} {variant}")
         ax.set_xlabel("dropout rate")
-        ax.set_title(key, fontsize=9)
+        ax.set_title(names[key] + (" (%)" if "lipschitz" not in key else ""), fontsize=9)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
     fig.suptitle(f"Dropout: {title}", fontsize=10)

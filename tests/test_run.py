@@ -26,9 +26,11 @@ def leaves(tree, prefix=""):
     return out
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=300, xla_flags=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
     return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
@@ -82,6 +84,7 @@ def test_run_writes_the_papers_row(tmp_path):
     (["--dataset=imagenet21k"], "unknown dataset"),
     (["--dataset=fashion_mnist", "--data_dir=/nonexistent/dir"], "does not exist"),
     (["--arch=cnn2"], "at least 16x16"),
+    (["--arch=wrn", "--wrn_depth=10", "--wrn_width=1"], "at least 16x16"),
     (["--arch=vit"], "unknown arch"),
     (["--batch_size=abc"], "batch_size"),
     (["--epochs=0"], "epochs must be at least 1"),
@@ -109,3 +112,12 @@ def test_installed_entry_point_refuses_a_mistake_in_one_line():
                           timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: unknown method 'nope'; choose one of natural, gr, llr, at, rst, trades")
+
+
+@pytest.mark.slow
+def test_an_eval_batch_the_devices_do_not_divide_is_refused_before_training(tmp_path):
+    proc = run("--epochs=1", f"--workdir={tmp_path}", "--eval_batch_size=3",
+               xla_flags="--xla_force_host_platform_device_count=2", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: eval batch size 3 is not a multiple of the 2 devices"), proc.stderr[-1000:]
+    assert not os.path.exists(tmp_path / "checkpoints") and "epoch" not in proc.stdout
