@@ -204,6 +204,7 @@ def test_channel_sum_and_broadcast_are_each_others_gradient(impl):
     np.testing.assert_allclose(gv, np.asarray(x).sum((0, 1, 2)), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_sums", ["dot", "reduce"])
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm_matches_flax_batchnorm(train, channel_sums):

@@ -110,6 +110,7 @@ def test_digits_test_train_exact(digits):
     check_exact(x_test, y_test, x_train, y_train, exclude_self=False)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_subset_exact(fashion_subset):
     x_train, y_train, x_test, y_test = fashion_subset
     want = check_exact(x_train, y_train, x_train, y_train, exclude_self=True)
@@ -306,6 +307,7 @@ def margin(class_dist, pred):
     return others.min(1) - class_dist[rows, pred]
 
 
+@pytest.mark.slow
 def test_certificate_is_never_beaten_by_pgd(digits):
     x_train, y_train, x_test, y_test = digits
     xf_train = x_train.astype(np.float32) / 16

@@ -163,6 +163,7 @@ def test_constant_model_has_zero_gradients_everywhere():
     assert any("zero" in w for w in out["masking_warnings"]), out["masking_warnings"]
 
 
+@pytest.mark.slow
 def test_eps_zero_every_attack_equals_clean_accuracy(digits):
     params, x, y = digits
     out = evaluate_robustness(_mlp_apply, params, x[:100], y[:100], 0.0, attacks=ALL,
@@ -174,6 +175,7 @@ def test_eps_zero_every_attack_equals_clean_accuracy(digits):
     assert out["acc_worst"] == out["acc_pgd_eps_x2"] == out["acc_pgd_steps_x5"] == clean
 
 
+@pytest.mark.slow
 def test_digits_worst_case_and_apgd_vs_pgd(digits):
     params, x, y = digits
     out = evaluate_robustness(_mlp_apply, params, x, y, 0.1, attacks=ALL, batch_size=160,
