@@ -4,7 +4,7 @@ the official PyTorch procedure (`estimate_local_lip_v2`, OFFICIAL_CODE.md sectio
     python benchmarks/lipschitz.py                       # cnn1, cnn2; batch 128
     python benchmarks/lipschitz.py --models=cnn2 --batch=512 --repeats=9
     python benchmarks/lipschitz.py --torch_recompute_fx  # PyTorch as coded: f(x) every step
-    python benchmarks/lipschitz.py --jax_variants=base,xlapool+xlaconv+biasfirst   # benchmarks/jax_levers.py
+    python benchmarks/lipschitz.py --jax_variants=base,xlapool+xlaconv+biasfirst  # jax_levers.py
     python benchmarks/lipschitz.py --notorch             # JAX only (torch not imported)
 
 Per batch: x' = x + 0.001 N(0, 1); 10 times x' <- clip(proj_eps(x' + 0.003 sign(grad(-R)))),

@@ -1,6 +1,7 @@
 """Seconds from SIGTERM to a saved checkpoint and exit, for a real training run.
 
     python benchmarks/sigterm_latency.py                      # CNN1 and WRN-16-4, Fashion-MNIST
+    python benchmarks/sigterm_latency.py --archs=wrn --wrn_depth=10 --wrn_width=2
     python benchmarks/sigterm_latency.py --archs=cnn1 --after=30
 
 Starts `experiments/run.py` (AT, normal logging: a line every 50 steps), waits --after
@@ -24,20 +25,23 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("archs", ["cnn1", "wrn"], "architectures (wrn: WRN-16-4)")
+flags.DEFINE_list("archs", ["cnn1", "wrn"], "architectures (wrn: WRN-depth-width)")
+flags.DEFINE_integer("wrn_depth", 16, "WideResNet depth")
+flags.DEFINE_integer("wrn_width", 4, "WideResNet widen factor")
 flags.DEFINE_string("dataset", "fashion_mnist", "data set")
 flags.DEFINE_float("after", 20.0, "seconds of training after the first progress line")
 flags.DEFINE_integer("batch_size", 64, "batch size")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH_FLAGS = {"cnn1": ["--arch=cnn1"], "wrn": ["--arch=wrn", "--wrn_depth=16", "--wrn_width=4"]}
 
 
 def measure(arch: str) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"sigterm_{arch}_")
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--method=at",
            f"--dataset={FLAGS.dataset}", f"--batch_size={FLAGS.batch_size}", "--log_every=50",
-           f"--workdir={workdir}", *ARCH_FLAGS[arch]]
+           f"--workdir={workdir}", f"--arch={arch}"]
+    if arch == "wrn":
+        cmd += [f"--wrn_depth={FLAGS.wrn_depth}", f"--wrn_width={FLAGS.wrn_width}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rate = None
     start = None

@@ -52,7 +52,9 @@ flags.DEFINE_string("workdir", "runs/sweep", "root of the runs and the report")
 flags.DEFINE_bool("overwrite", False, "re-run cells made with other settings (deletes them)")
 
 # Settings that do not change a run's numbers: a cell made with others is still reused.
-NOT_IDENTITY = ("checkpoint_every", "keep_checkpoints", "log_every", "speed.", "data.data_dir")
+# (eval.attacks only adds keys to results.json: `run.py --eval_only --eval_attacks=...`.)
+NOT_IDENTITY = ("checkpoint_every", "keep_checkpoints", "log_every", "speed.", "data.data_dir",
+                "eval.attacks", "eval.attack_restarts")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

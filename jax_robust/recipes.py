@@ -116,7 +116,8 @@ def resolve(cfg: cfglib.RunConfig, backend: str) -> cfglib.RunConfig:
 def is_resolved(cfg: cfglib.RunConfig) -> bool:
     """Whether no setting that `resolve` fills is None."""
     return None not in (
-        cfg.data.augment, cfg.model.dropout, cfg.model.pool_ties, cfg.attack.eps, cfg.attack.step_size,
+        cfg.data.augment, cfg.model.dropout, cfg.model.pool_ties, cfg.attack.eps,
+        cfg.attack.step_size,
         cfg.train.epochs, cfg.train.batch_size, cfg.train.optimizer, cfg.train.lr,
         cfg.train.momentum, cfg.train.milestones,
         *(getattr(cfg.speed, f.name) for f in dataclasses.fields(cfg.speed)))

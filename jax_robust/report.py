@@ -208,6 +208,30 @@ def markdown_table(cells: list[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ATTACK_NAMES = {"pgd": "PGD-10", "multitarget": "multitarget", "apgd": "APGD-CE",
+                "worst": "worst case"}
+
+
+def attack_table(cells: list[Cell]) -> str:
+    """Adv test acc under each attack of `--eval_attacks` and the per-example worst case, for
+    the cells whose every run has them ('' if none has)."""
+    keys = [f"adv_test_acc_{a}" for a in ATTACK_NAMES]
+    have = [c for c in cells if all(all(k in r.results for k in keys) for r in c.runs)]
+    if not have:
+        return ""
+    lines = ["| method | variant | seeds | adv test (paper's PGD) | "
+             + " | ".join(ATTACK_NAMES.values()) + " | PGD-10 - worst |",
+             "|---|---|---:|" + "---:|" * (len(keys) + 2)]
+    for c in have:
+        n = len(c.runs)
+        cells_text = [_fmt(*c.mean_std(k), n) for k in ["adv_test_acc", *keys]]
+        drop = c.values("adv_test_acc_pgd") - c.values("adv_test_acc_worst")
+        spread = float(drop.std(ddof=1)) if n > 1 else 0.0
+        lines.append(f"| {c.label} | {c.variant} | {n} | " + " | ".join(cells_text)
+                     + f" | {_fmt(float(drop.mean()), spread, n)} |")
+    return "\n".join(lines) + "\n"
+
+
 def csv_table(cells: list[Cell]) -> str:
     """One row per cell: means and stds of every column, seeds, eps and examples."""
     buf = io.StringIO()
@@ -380,7 +404,9 @@ def write_report(runs: list[Run], outdir: str, title: str = "") -> list[str]:
     title = title or f"{c['data']['dataset']}, {c['model']['arch']}, eps {c['attack']['eps']:g}"
     paths = [os.path.join(outdir, n) for n in ("table.md", "table.csv",
                                                 "lipschitz_vs_robustness.png", "gaps.png")]
-    write_text_atomic(paths[0], f"## {title}\n\n" + markdown_table(cells))
+    attacks = attack_table(cells)
+    write_text_atomic(paths[0], f"## {title}\n\n" + markdown_table(cells) + (
+        f"\nAdv test acc by attack (`--eval_attacks`):\n\n{attacks}" if attacks else ""))
     write_text_atomic(paths[1], csv_table(cells))
     plot_lipschitz_vs_robustness(cells, paths[2], title)
     plot_gaps(cells, paths[3], title)
