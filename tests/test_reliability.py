@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
 TINY = ["--method=at", "--max_train=160", "--max_test=40", "--epochs=3", "--batch_size=32",
-        "--checkpoint_every=2", "--log_every=1", "--eval_batch_size=40"]
+        "--checkpoint_every=2", "--log_every=1", "--eval_batch_size=40", "--attack_steps=3",
+        "--lipschitz_steps=2", "--curve_size=40"]  # short attacks: quick compiles
 TIME_KEYS = {"train_seconds", "eval_seconds"}
 
 
