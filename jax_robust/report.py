@@ -213,23 +213,24 @@ ATTACK_NAMES = {"pgd": "PGD-10", "multitarget": "multitarget", "apgd": "APGD-CE"
 
 
 def attack_table(cells: list[Cell]) -> str:
-    """Adv test acc under each attack of `--eval_attacks` and the per-example worst case, for
-    the cells whose every run has them ('' if none has)."""
+    """Adv test acc under each attack of `--eval_attacks` and the per-example worst case, over
+    the runs of each cell that have them ('' if no run has)."""
     keys = [f"adv_test_acc_{a}" for a in ATTACK_NAMES]
-    have = [c for c in cells if all(all(k in r.results for k in keys) for r in c.runs)]
-    if not have:
-        return ""
     lines = ["| method | variant | seeds | adv test (paper's PGD) | "
              + " | ".join(ATTACK_NAMES.values()) + " | PGD-10 - worst |",
              "|---|---|---:|" + "---:|" * (len(keys) + 2)]
-    for c in have:
-        n = len(c.runs)
-        cells_text = [_fmt(*c.mean_std(k), n) for k in ["adv_test_acc", *keys]]
-        drop = c.values("adv_test_acc_pgd") - c.values("adv_test_acc_worst")
+    for c in cells:
+        runs = [r for r in c.runs if all(k in r.results for k in keys)]
+        if not runs:
+            continue
+        sub = dataclasses.replace(c, runs=runs)
+        n = len(runs)
+        values = [_fmt(*sub.mean_std(k), n) for k in ["adv_test_acc", *keys]]
+        drop = sub.values("adv_test_acc_pgd") - sub.values("adv_test_acc_worst")
         spread = float(drop.std(ddof=1)) if n > 1 else 0.0
-        lines.append(f"| {c.label} | {c.variant} | {n} | " + " | ".join(cells_text)
+        lines.append(f"| {c.label} | {c.variant} | {n} | " + " | ".join(values)
                      + f" | {_fmt(float(drop.mean()), spread, n)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def csv_table(cells: list[Cell]) -> str:
