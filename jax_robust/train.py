@@ -121,11 +121,13 @@ def _epoch_lines(path: str, keep_through_epoch: int) -> list[str]:
     return lines
 
 
-def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epochs: int
-                ) -> tuple[TrainState, float]:
+def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epochs: int,
+                epoch_sums: dict | None = None) -> tuple[TrainState, float]:
     """Runs the steps from state.step to the end, checkpointing and logging; returns the
     trained state and the seconds spent training (with `prior_seconds` of earlier processes,
-    without the per-epoch curve evaluation)."""
+    without the per-epoch curve evaluation). `epoch_sums`: the running loss / accuracy sums
+    of the epoch a mid-epoch checkpoint was taken in (so its metrics.jsonl line counts every
+    step of the epoch, before and after the resume)."""
     cfg, spe, total = loop.cfg, loop.steps_per_epoch, loop.total_steps
     batch_size = cfg.train.batch_size
     lr_at = learning_rate(cfg.train, spe)
@@ -135,6 +137,8 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
         write_text_atomic(loop.metrics_path, "".join(line + "\n" for line in lines))
     step = int(state.step)
     acc = empty_metrics()
+    if epoch_sums:
+        acc = {**acc, **{k: jnp.float32(epoch_sums[k]) for k in ("loss_sum", "correct", "count")}}
     start = last_log = time.time()
     first_step, last_log_step = step, step
     curve_seconds = 0.0
@@ -152,6 +156,8 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
         ckpt.save(loop.manager, step, state, {
             "epoch": epoch, "step": step, "config": cfg.to_dict(),
             "data_info": dataclasses.asdict(loop.dataset.info),
+            "epoch_sums": {k: float(v) for k, v in jax.device_get(acc).items()
+                           if k != "first_bad"},
             "train_seconds": seconds_so_far()})
 
     def append_epoch_line(state, epoch, sums):
@@ -291,8 +297,10 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
 
         loop = _Loop(cfg, dataset, mesh, step_fn, curve, manager, train_key, steps_per_epoch,
                      total_steps, os.path.join(workdir, "metrics.jsonl"), log, should_stop)
+        mid_epoch = int(state.step) % steps_per_epoch != 0
         state, train_seconds = _train_loop(loop, state, train_seconds,
-                                           int(meta.get("epoch", 0)))
+                                           int(meta.get("epoch", 0)),
+                                           meta.get("epoch_sums") if mid_epoch else None)
 
     start = time.time()
     test = evaluate(eval_step(ascent=True), state.params, state.model_state, dataset.x_test,

@@ -105,8 +105,9 @@ def test_train_step_compiles_once_for_the_short_last_batch():
 
 SMALL = cfglib.RunConfig(
     data=cfglib.DataConfig("digits", max_train=160, max_test=60),
+    attack=cfglib.AttackConfig(steps=3),  # short attacks: quick compiles
     train=cfglib.TrainConfig(method="trades", epochs=2, batch_size=32, milestones=(1,)),
-    eval=cfglib.EvalConfig(batch_size=32, curve_size=40),
+    eval=cfglib.EvalConfig(batch_size=32, curve_size=40, lipschitz_steps=3),
     checkpoint_every=3, log_every=100,
 )
 RESULT_KEYS = ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc", "train_lipschitz",
