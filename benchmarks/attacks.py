@@ -23,11 +23,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-import bench_util  # noqa: E402
+import bench_util
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("attacks", ["pgd", "multitarget", "apgd"], "pgd, multitarget, apgd")
