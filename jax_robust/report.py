@@ -371,16 +371,24 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
     if not with_curves:
         return False
     plt = _pyplot()
-    keys = (("train_loss", "training loss", True), ("train_acc", "train acc (epoch, %)", False),
+    keys = (("train_loss", "training loss", True),
+            ("train_acc", "train acc of the epoch's batches (%)", False),
             ("test_subset_acc", "test acc, subset (%)", False),
             ("adv_test_subset_acc", "PGD test acc, subset (%)", False))
+    from matplotlib.colors import to_rgb
+
+    shade, seen = {}, {}
+    for cell in with_curves:  # the k-th cell of a method: its colour mixed with white
+        k = seen[cell.method] = seen.get(cell.method, -1) + 1
+        shade[id(cell)] = tuple(c + (1 - c) * min(0.6, 0.3 * k)
+                                for c in to_rgb(_color(cell.method)))
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     for ax, (key, name, log) in zip(axes, keys):
         for cell in with_curves:
             n = min(len(r.curve) for r in cell.runs)
             epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
             mean = np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
-            ax.plot(epochs, mean, color=_color(cell.method), lw=1,
+            ax.plot(epochs, mean, color=shade[id(cell)], lw=1,
                     ls="-" if cell.variant == "official" else "--",
                     label=f"{cell.label} {cell.variant}")
         ax.set_xlabel("epoch")
