@@ -89,12 +89,9 @@ def one_error_line(proc):
 ])
 def test_separation_mistakes_exit_2_with_one_line(tmp_path, args, needle):
     bad = make_idx_dir(tmp_path / "bad", y_train=np.r_[np.arange(39) % 4, 200])
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    os.chmod(readonly, 0o500)
-    if os.access(readonly, os.W_OK):
-        pytest.skip("running as a user who can write anywhere")
-    args = [a.format(bad=bad, readonly=readonly / "out") for a in args]
+    blocker = tmp_path / "a_file"  # a directory inside a file cannot be made, even by root
+    blocker.write_text("")
+    args = [a.format(bad=bad, readonly=blocker / "out") for a in args]
     line = one_error_line(binary("separation.py", "--max_points=200", *args))
     assert needle in line, line
     assert not os.path.exists(os.path.join(bad, "separation.json"))

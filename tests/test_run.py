@@ -105,7 +105,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, needle):
 def test_installed_entry_point_refuses_a_mistake_in_one_line():
     import shutil
 
-    binary = shutil.which("jax-robust-run")
+    binary = shutil.which("jax-robust-run", path=os.path.dirname(sys.executable))
     if binary is None:
         pytest.skip("the package is not installed with its scripts")
     proc = subprocess.run([binary, "--method=nope"], capture_output=True, text=True,
