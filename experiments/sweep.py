@@ -156,11 +156,11 @@ def main(argv):
     if len(set(names)) != len(names):
         raise UserError("the grid names a cell twice; remove repeated --rows/--variants")
     root = os.path.expanduser(FLAGS.workdir)
-    for name, cfg in cells:
-        stale = stale_settings(os.path.join(root, name), cfg)
-        if stale and not FLAGS.overwrite:
+    stale = {name: stale_settings(os.path.join(root, name), cfg) for name, cfg in cells}
+    for name, settings in stale.items():
+        if settings and not FLAGS.overwrite:
             raise UserError(f"{os.path.join(root, name)} holds a run made with other "
-                            f"{', '.join(stale)}; use another --workdir or --overwrite")
+                            f"{', '.join(settings)}; use another --workdir or --overwrite")
     ensure_writable_dir(root)
 
     from jax_robust import data as datalib
@@ -169,29 +169,30 @@ def main(argv):
     dataset = datalib.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train,
                                    FLAGS.max_test)
     todo = [(n, c) for n, c in cells
-            if not os.path.exists(os.path.join(root, n, "results.json"))
-            or stale_settings(os.path.join(root, n), c)]
+            if stale[n] or not os.path.exists(os.path.join(root, n, "results.json"))]
     print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
           flush=True)
     start, finished = time.time(), 0
     for i, (name, cfg) in enumerate(todo):
         workdir = os.path.join(root, name)
-        if FLAGS.overwrite and stale_settings(workdir, cfg):
+        if stale[name]:  # refused above unless --overwrite
             shutil.rmtree(workdir)
         elapsed = time.time() - start
         eta = (f", ETA {elapsed / finished * (len(todo) - i) / 60:.0f} min" if finished else "")
         print(f"[{len(cells) - len(todo) + i + 1}/{len(cells)}] {name}: "
               f"{len(cells) - len(todo) + i} done, 1 running, {len(todo) - i - 1} left"
               f"{eta}", flush=True)
-        try:
+        def run_cell():
             train.train_and_evaluate(cfg, workdir, dataset=dataset,
                                      log=lambda m: print("  " + m, flush=True))
+
+        try:
+            run_cell()
         except train.OtherRun:
             if not FLAGS.overwrite:
                 raise
             shutil.rmtree(workdir)  # checkpoints of other settings, no results yet
-            train.train_and_evaluate(cfg, workdir, dataset=dataset,
-                                     log=lambda m: print("  " + m, flush=True))
+            run_cell()
         finished += 1
     runs = report.load_runs(root)
     wanted = {os.path.join(root, n, "results.json") for n in names}

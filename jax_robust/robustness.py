@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_robust.attacks import apgd_ce, cross_entropy, multitarget_attack, pgd_restarts
 from jax_robust.config import EVAL_ATTACKS
+from jax_robust.pipeline import padded_batch
 
 ATTACKS = EVAL_ATTACKS
 DEFAULT_STEPS = {"pgd": 10, "multitarget": 20, "apgd": 100}
@@ -138,9 +139,9 @@ def _run_batches(fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
     every = math.ceil(n_batches / 8)
     outs, start, timed_from = [], time.perf_counter(), None
     for b in range(n_batches):
-        rows = np.arange(b * batch_size, min(n, (b + 1) * batch_size))
-        idx = np.resize(rows, batch_size)
-        outs.append((fn(put(x[idx]), put(y[idx]), b), len(rows)))
+        idx, mask = padded_batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)),
+                                 batch_size)
+        outs.append((fn(put(x[idx]), put(y[idx]), b), int(mask.sum())))
         if log is not None and n_batches > 8:
             if b == 0:  # the compile: rates count from the end of the first batch
                 jax.block_until_ready(outs[-1][0])

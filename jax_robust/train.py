@@ -74,6 +74,27 @@ def build_model(cfg: cfglib.RunConfig, info: datalib.DatasetInfo):
                               speed=cfg.speed, pool_ties=m.pool_ties)
 
 
+def initial_state(module, key: jax.Array, image_shape, optimizer, mesh: Mesh):
+    """(state, abstract): the freshly initialised TrainState replicated over `mesh`, and its
+    shapes/dtypes/shardings as `jax.ShapeDtypeStruct`s (what a checkpoint restores into)."""
+    params, model_state = models.init_model(module, key, image_shape)
+    state = replicate(mesh, TrainState(step=jnp.int32(0), params=params,
+                                       model_state=model_state,
+                                       opt_state=optimizer.init(params)))
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    return state, abstract
+
+
+def inference_apply(model_fn: models.ModelFn) -> Callable:
+    """(variables {"params", "model_state"}, x [B, H, W, C]) -> logits [B, K], eval mode."""
+
+    def apply_fn(variables, x):
+        return model_fn(variables["params"], variables["model_state"], x, False, None)[0]
+
+    return apply_fn
+
+
 def eval_subset(n: int, size: int | None) -> np.ndarray:
     """Indices of the `size` training points evaluated (all if size is None or >= n): a
     fixed, seed-independent random subset, in increasing order."""
@@ -243,13 +264,8 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     init_key, train_key, eval_key = jax.random.split(jax.random.key(t.seed), 3)
     image_hw = tuple(info.image_shape[:2])
 
-    params, model_state = models.init_model(module, init_key, info.image_shape)
-    state = replicate(mesh, TrainState(step=jnp.int32(0), params=params,
-                                       model_state=model_state,
-                                       opt_state=optimizer.init(params)))
+    state, abstract = initial_state(module, init_key, info.image_shape, optimizer, mesh)
     manager = ckpt.open_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     restored = ckpt.restore_latest(manager, abstract, warn=log)
     meta = {}
     if restored is not None:
@@ -268,7 +284,7 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     elif eval_only:
         raise UserError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
     log(f"{t.method} ({t.variant}) on {info.name}: {n_train} train / {len(dataset.x_test)} "
-        f"test, arch {cfg.model.arch} ({models.count_params(params):,} params), eps "
+        f"test, arch {cfg.model.arch} ({models.count_params(state.params):,} params), eps "
         f"{hp.eps}, {t.epochs} epochs x {steps_per_epoch} steps, batch {t.batch_size}, "
         f"{t.optimizer} lr {t.lr:g}, {mesh.size} x {jax.devices()[0].device_kind}")
 
@@ -311,12 +327,8 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
                      jax.random.fold_in(eval_key, 1), name="train", **ev)
     if cfg.eval.attacks != ("pgd",):
         variables = {"params": state.params, "model_state": state.model_state}
-
-        def apply_fn(v, x):
-            return model_fn(v["params"], v["model_state"], x, False, None)[0]
-
         robust = evaluate_robustness(
-            apply_fn, variables, dataset.x_test, dataset.y_test, hp.eps, attacks=e.attacks,
+            inference_apply(model_fn), variables, dataset.x_test, dataset.y_test, hp.eps, attacks=e.attacks,
             key=jax.random.fold_in(eval_key, 3), batch_size=e.batch_size,
             restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll)
         extra = {f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in e.attacks}
@@ -391,20 +403,12 @@ def load_run(workdir: str, *, log: Callable[[str], None] = print) -> LoadedRun:
         info = datalib.load_dataset(cfg.data.dataset, cfg.data.data_dir, cfg.data.max_train,
                                     cfg.data.max_test).info
     module = build_model(cfg, info)
-    model_fn = models.make_model_fn(module)
-    params, model_state = models.init_model(module, jax.random.key(0), info.image_shape)
-    optimizer = make_optimizer(cfg.train, 1)
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-        replicate(make_mesh(jax.devices()[:1]), TrainState(jnp.int32(0), params, model_state,
-                                                           optimizer.init(params))))
+    _, abstract = initial_state(module, jax.random.key(0), info.image_shape,
+                                make_optimizer(cfg.train, 1), make_mesh(jax.devices()[:1]))
     restored = ckpt.restore_latest(manager, abstract, warn=log)
     if restored is None:
         raise UserError(f"{workdir} holds no checkpoints")
     state, _, step = restored
-
-    def apply_fn(variables, x):
-        return model_fn(variables["params"], variables["model_state"], x, False, None)[0]
-
-    return LoadedRun(apply_fn, {"params": state.params, "model_state": state.model_state},
-                     cfg, info, step)
+    return LoadedRun(inference_apply(models.make_model_fn(module)),
+                     {"params": state.params, "model_state": state.model_state}, cfg, info,
+                     step)
