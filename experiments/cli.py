@@ -1,5 +1,7 @@
 """Shared entry of the experiment binaries: the CPU speed flags, then absl, with user errors
-(a bad flag, a `UserError`) as one line on stderr and exit code 2."""
+(a bad flag, a `UserError`) as one line on stderr and exit code 2; the flags that join a
+multi-process run (`define_process_flags`, `join_processes`) and `say`, which prints on
+process 0 only."""
 
 from __future__ import annotations
 
@@ -50,3 +52,46 @@ def parse_milestones(values: list[str] | None) -> tuple[int, ...] | None:
         return None if values is None else tuple(int(m) for m in values if m != "")
     except ValueError:
         raise UserError(f"milestones must be integers, got {values}") from None
+
+
+def define_process_flags() -> None:
+    """The flags of a multi-process run (jax_robust.distributed), for run, sweep, separation."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                        "(a multi-process run; with --num_processes and --process_id)")
+    flags.DEFINE_integer("num_processes", None, "processes in the run (one per host)")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+    flags.DEFINE_bool("distributed", False, "join a multi-process run whose settings JAX "
+                      "detects itself (Cloud TPU pod slices, SLURM)")
+    flags.DEFINE_float("peer_timeout", 60.0, "seconds after which a process whose peer "
+                       "stopped responding exits (code 3) instead of waiting")
+    flags.DEFINE_integer("cpu_devices", None, "XLA:CPU devices of this process (default: "
+                         "the binary's; e.g. 4 to try a sharded run on one machine)")
+
+
+def join_processes() -> None:
+    """Applies the flags of `define_process_flags` before JAX starts its backend: the CPU
+    device count, then jax_robust.distributed.initialize (a no-op for a single process)."""
+    from absl import flags
+
+    import jax
+
+    from jax_robust import distributed
+    from jax_robust.errors import UserError
+
+    f = flags.FLAGS
+    if f.cpu_devices is not None:
+        if f.cpu_devices < 1:
+            raise UserError(f"--cpu_devices must be >= 1, got {f.cpu_devices}")
+        jax.config.update("jax_num_cpu_devices", f.cpu_devices)
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                           auto_detect=f.distributed, peer_timeout=f.peer_timeout)
+
+
+def say(message: str) -> None:
+    """Prints a line (flushed) on process 0; the other processes stay quiet."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(message, flush=True)

@@ -8,9 +8,11 @@ Re-running with the same --workdir resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
+from typing import Callable
 
 from absl import flags
 
@@ -88,7 +90,7 @@ flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
 flags.DEFINE_integer("log_every", 50, "steps between progress lines")
 flags.DEFINE_bool("eval_only", False, "evaluate the newest checkpoint in --workdir (with "
                   "other attack settings than the training's, into results_eps<..>.json)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+cli.define_process_flags()
 
 
 def config_from_flags() -> cfglib.RunConfig:
@@ -167,14 +169,19 @@ def print_row(r: dict, workdir: str) -> None:
           f"eval {r['eval_seconds']:.0f}s)")
 
 
-def main(argv):
-    cfg, workdir = prepare(argv)
-    if FLAGS.distributed:
-        import jax
+def stop_requests() -> Callable[[], bool]:
+    """A poll that turns true after SIGTERM or Ctrl-C. Over several processes it is true on
+    all of them at the same poll (JAX's preemption sync point, which a SIGTERM to any one
+    process triggers), so they save the same checkpoint together."""
+    import jax
 
-        jax.distributed.initialize()
-    from jax_robust import train
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
+        # JAX's own SIGTERM handler serves the sync point; Ctrl-C is turned into a SIGTERM.
+        signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        polls = itertools.count()
+        return lambda: multihost_utils.reached_preemption_sync_point(next(polls))
     stop = {"requested": False}
 
     def request_stop(signum, frame):
@@ -184,18 +191,23 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    return lambda: stop["requested"]
 
-    def log(msg):
-        print(msg, flush=True)
+
+def main(argv):
+    cfg, workdir = prepare(argv)
+    cli.join_processes()
+    from jax_robust import distributed, train
 
     try:
-        r = train.train_and_evaluate(cfg, workdir, log=log,
-                                     should_stop=lambda: stop["requested"],
+        r = train.train_and_evaluate(cfg, workdir, log=cli.say, should_stop=stop_requests(),
                                      eval_only=FLAGS.eval_only)
     except train.Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if distributed.is_primary():
+            print(str(e), file=sys.stderr)
         sys.exit(130)
-    print_row(r, workdir)
+    if distributed.is_primary():
+        print_row(r, workdir)
 
 
 def entry() -> None:

@@ -8,7 +8,9 @@ Computes, exactly in integer grey levels, the l_inf distance from every training
 closest training point of another label (Train-Train) and from every test point to the closest
 training point of another label (Test-Train), and the theorem's distance classifier
 g(x) = argmin_c dist(x, X_train^(c)) with its certified radius. Prints a summary and writes
-<workdir>/separation.json, separation_hist.png and closest_pairs.png.
+<workdir>/separation.json, separation_hist.png and closest_pairs.png. Over several processes
+(--coordinator_address ..., or experiments/launch_local.py) the work is split over every
+process's devices and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ flags.DEFINE_integer("max_points", None, "use only the first N training and N te
 flags.DEFINE_float("eps", None, "l_inf radius in pixel units (default: the data set's)")
 flags.DEFINE_integer("n_closest", 10, "closest opposite-label pairs to list and draw")
 flags.DEFINE_bool("progress", True, "progress lines on stderr")
+flags.DEFINE_bool("save_arrays", False, "also write every point's distance and index "
+                  "(grey levels; -1: no point) to <workdir>/separation_arrays.npz")
+cli.define_process_flags()
 flags.DEFINE_bool("train_classifier", False, "also the distance classifier's leave-one-out "
                   "accuracy on the training set (per-class train-train distances: 2x the work)")
 
@@ -47,6 +52,14 @@ PAPER = {  # PAPER.md, Table 1: min Train-Train, min Test-Train
 def save_figure_atomic(fig, path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def save_arrays_atomic(path: str, **arrays) -> None:
+    import numpy as np
+
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -206,6 +219,9 @@ def main(argv):
         raise UserError(f"--max_points must be >= 1, got {FLAGS.max_points}")
     if FLAGS.n_closest < 1:
         raise UserError(f"--n_closest must be >= 1, got {FLAGS.n_closest}")
+    cli.join_processes()
+    from jax_robust import distributed
+
     ds = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_points, FLAGS.max_points)
     if len(set(ds.y_train.tolist())) < 2:
         raise UserError("the training points hold fewer than two classes; raise --max_points")
@@ -215,12 +231,20 @@ def main(argv):
     ensure_writable_dir(workdir)
 
     def progress(label):
-        return separation.stderr_progress(f"{info.name} {label}") if FLAGS.progress else None
+        if FLAGS.progress and distributed.is_primary():
+            return separation.stderr_progress(f"{info.name} {label}")
+        return None
 
     eps = FLAGS.eps if FLAGS.eps is not None else recipes.recipe(info.name).eps
     result, (tt_d, tt_i), (te_d, te_i) = measure(ds, eps, FLAGS.n_closest,
                                                  FLAGS.train_classifier, progress)
     json_path = os.path.join(workdir, "separation.json")
+    if not distributed.is_primary():
+        return
+    if FLAGS.save_arrays:
+        save_arrays_atomic(os.path.join(workdir, "separation_arrays.npz"),
+                           train_train_dist=tt_d, train_train_index=tt_i, test_train_dist=te_d,
+                           test_train_index=te_i)
     write_json_atomic(json_path, result)
     plot_histograms(tt_d[tt_i >= 0] / info.levels, te_d[te_i >= 0] / info.levels, eps, info.name,
                     os.path.join(workdir, "separation_hist.png"))

@@ -50,6 +50,7 @@ flags.DEFINE_integer("train_eval_size", None, "training points evaluated (defaul
 flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
 flags.DEFINE_string("workdir", "runs/sweep", "root of the runs and the report")
 flags.DEFINE_bool("overwrite", False, "re-run cells made with other settings (deletes them)")
+cli.define_process_flags()
 
 # Settings that do not change a run's numbers: a cell made with others is still reused.
 # (eval.attacks only adds keys to results.json: `run.py --eval_only --eval_attacks=...`.)
@@ -162,38 +163,45 @@ def main(argv):
             raise UserError(f"{os.path.join(root, name)} holds a run made with other "
                             f"{', '.join(settings)}; use another --workdir or --overwrite")
     ensure_writable_dir(root)
+    cli.join_processes()
 
     from jax_robust import data as datalib
-    from jax_robust import report, train
+    from jax_robust import distributed, report, train
 
+    primary = distributed.is_primary()
     dataset = datalib.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train,
                                    FLAGS.max_test)
     todo = [(n, c) for n, c in cells
             if stale[n] or not os.path.exists(os.path.join(root, n, "results.json"))]
-    print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
-          flush=True)
+    distributed.barrier("jax_robust-sweep-start")  # every process has read the same state
+    cli.say(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
     start, finished = time.time(), 0
     for i, (name, cfg) in enumerate(todo):
         workdir = os.path.join(root, name)
-        if stale[name]:  # refused above unless --overwrite
+        if stale[name] and primary:  # refused above unless --overwrite
             shutil.rmtree(workdir)
+        distributed.barrier(f"jax_robust-sweep-cell-{i}")
         elapsed = time.time() - start
         eta = (f", ETA {elapsed / finished * (len(todo) - i) / 60:.0f} min" if finished else "")
-        print(f"[{len(cells) - len(todo) + i + 1}/{len(cells)}] {name}: "
-              f"{len(cells) - len(todo) + i} done, 1 running, {len(todo) - i - 1} left"
-              f"{eta}", flush=True)
+        cli.say(f"[{len(cells) - len(todo) + i + 1}/{len(cells)}] {name}: "
+                f"{len(cells) - len(todo) + i} done, 1 running, {len(todo) - i - 1} left{eta}")
+
         def run_cell():
             train.train_and_evaluate(cfg, workdir, dataset=dataset,
-                                     log=lambda m: print("  " + m, flush=True))
+                                     log=lambda m: cli.say("  " + m))
 
         try:
             run_cell()
         except train.OtherRun:
             if not FLAGS.overwrite:
                 raise
-            shutil.rmtree(workdir)  # checkpoints of other settings, no results yet
+            if primary:
+                shutil.rmtree(workdir)  # checkpoints of other settings, no results yet
+            distributed.barrier(f"jax_robust-sweep-cleared-{i}")
             run_cell()
         finished += 1
+    if not primary:
+        return
     runs = report.load_runs(root)
     wanted = {os.path.join(root, n, "results.json") for n in names}
     runs = [r for r in runs if r.path in wanted]

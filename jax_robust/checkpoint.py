@@ -7,7 +7,9 @@ killed process leaves at most an unfinished temporary directory, which orbax ign
 After each save, the step's integrity data (size and CRC-32 of every file) go INTO the step
 directory (`<step>/integrity.json`), so they travel with it; before a restore the files are
 checked against them, so a truncated or corrupted checkpoint is found without handing damaged
-bytes to orbax. A checkpoint without integrity data is not trusted. A checkpoint that fails
+bytes to orbax. A checkpoint without integrity data is not trusted. Over several processes
+every process takes part in each save and restore (orbax), process 0 writes and checks the
+integrity data and its verdict holds for all. A checkpoint that fails
 the check or the restore is moved aside to `<directory>_corrupt/<step>` (kept for
 inspection, named in a warning) and the next older one is tried; the run then saves that
 step anew.
@@ -25,6 +27,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from jax_robust.distributed import barrier, broadcast_from_primary, is_primary
 from jax_robust.errors import CheckpointError
 
 
@@ -75,7 +78,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
-    if jax.process_index() == 0:
+    if is_primary():
         step_dir = _step_dir(manager, step)
         write_json_atomic(os.path.join(step_dir, INTEGRITY_FILE),
                           {"files": _file_digests(step_dir)})
@@ -138,7 +141,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     errors = []
     for step in steps:
         try:
-            verify(manager, step)
+            # Process 0's check of the files is every process's verdict (one decision).
+            problem = None
+            if is_primary():
+                try:
+                    verify(manager, step)
+                except ValueError as e:
+                    problem = str(e)
+            if broadcast_from_primary(problem is not None):
+                raise ValueError(problem or "process 0 found it damaged")
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
             state = restored["state"]
@@ -150,8 +161,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
             path = _step_dir(manager, step)
             detail = " ".join(str(e).split())[:200]
             msg = f"checkpoint {path} cannot be restored ({detail})"
-            if jax.process_index() == 0:
+            if is_primary():
                 msg += f"; moved to {move_aside(manager, step)}"
+            barrier(f"jax_robust-checkpoint-{step}-moved")
+            if not is_primary():
+                manager.reload()
             errors.append(msg)
             warn(f"warning: {msg}; trying an older one" if step != steps[-1] else
                  f"warning: {msg}")

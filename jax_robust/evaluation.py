@@ -77,7 +77,7 @@ def evaluate(eval_step: Callable, params, model_state, x: np.ndarray, y: np.ndar
     `should_stop` is polled between batches: when true, `errors.Interrupted` is raised."""
     n = len(x)
     check_batch_size(batch_size, mesh.size, "eval batch size")
-    batch_of = eval_batches(n, batch_size)
+    batch_of = eval_batches(n, batch_size, mesh)
     totals: dict[str, Any] = {}
     n_batches = math.ceil(n / batch_size)
     start = time.time()

@@ -49,10 +49,17 @@ def padded_batch(indices: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     return np.resize(indices, size), mask
 
 
-def local_rows(size: int) -> slice:
-    """This process's rows of a global batch of `size`."""
-    per = size // jax.process_count()
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+def local_rows(mesh: Mesh, size: int) -> slice:
+    """This process's rows of a global batch of `size` sharded over `mesh` (all of them in
+    a single-process run): the rows its devices hold, which must be contiguous."""
+    if jax.process_count() == 1:
+        return slice(0, size)
+    held = NamedSharding(mesh, P("data")).addressable_devices_indices_map((size,)).values()
+    starts = sorted((index[0].start or 0, index[0].stop) for index in held)
+    for (_, stop), (start, _) in zip(starts, starts[1:]):
+        if stop != start:
+            raise ValueError("this process's devices do not hold contiguous rows of the mesh")
+    return slice(starts[0][0], starts[-1][1])
 
 
 def check_batch_size(batch_size: int, num_devices: int, what: str) -> None:
@@ -66,10 +73,10 @@ class TrainBatches:
     Use as a context manager; `get(step)` returns the host arrays x, y, mask."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, steps_per_epoch: int,
-                 seed: int):
+                 seed: int, mesh: Mesh):
         self.x, self.y = x, y
         self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
-        self.rows = local_rows(batch_size)
+        self.rows = local_rows(mesh, batch_size)
         self._pool = ThreadPoolExecutor(1)
         self._pending: tuple[int, object] | None = None
 
@@ -100,9 +107,11 @@ class TrainBatches:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def eval_batches(n: int, batch_size: int) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
-    """b -> (indices, mask) of this process's rows of evaluation batch b over n examples."""
-    rows = local_rows(batch_size)
+def eval_batches(n: int, batch_size: int,
+                 mesh: Mesh) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """b -> (indices, mask) of this process's rows of evaluation batch b over n examples
+    (the global batch padded to `batch_size`, the padding masked 0)."""
+    rows = local_rows(mesh, batch_size)
 
     def batch(b: int):
         idx, mask = padded_batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)),

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_robust.attacks import apgd_ce, cross_entropy, multitarget_attack, pgd_restarts
 from jax_robust.config import EVAL_ATTACKS
+from jax_robust.distributed import to_host
 from jax_robust.pipeline import padded_batch
 
 ATTACKS = EVAL_ATTACKS
@@ -154,7 +155,7 @@ def _run_batches(fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
                     f"ETA {eta:.0f}s")
     result = jax.tree_util.tree_map(
         lambda *parts: np.concatenate(parts), *[jax.tree_util.tree_map(
-            lambda a, m=m: np.asarray(a)[:m], out) for out, m in outs])
+            lambda a, m=m: to_host(a)[:m], out) for out, m in outs])
     if log is not None:
         log(f"  {what}: {n} examples in {time.perf_counter() - start:.1f}s")
     return result
@@ -186,7 +187,8 @@ def evaluate_robustness(apply_fn: Callable, variables: Any, x, y, eps: float, *,
       log: callable taking a line (e.g. print); progress with img/s and ETA when there are
         more than 8 batches, and a line per pass.
       mesh: a jax.sharding.Mesh with an axis "data": batches are sharded over it with
-        NamedSharding(mesh, P("data")), variables replicated. Single-process only.
+        NamedSharding(mesh, P("data")), variables replicated. Over several processes
+        (jax_robust.distributed) every process passes the same x and y and gets the results.
       unroll: unroll the attacks' step loops (faster programs on XLA:CPU, much longer
         compiles; False for small models and tests).
 

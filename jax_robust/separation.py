@@ -33,7 +33,9 @@ Queries x references: a `lax.scan` over reference blocks inside a `lax.map` over
 the queries sharded over the devices of a `jax.sharding.Mesh` (axis "q", `jax.shard_map`).
 Train-train: the list of block pairs (I, J) with class(I) < class(J) is split over the devices;
 each tile updates the minima of both blocks' points. A host loop over jitted calls reports
-progress (`stderr_progress`). Block sizes (`Tiling`) change speed, never results.
+progress (`stderr_progress`). Block sizes (`Tiling`) change speed, never results. Over several
+processes (jax_robust.distributed) the default mesh spans every process's devices; each
+process passes the same inputs and gets the whole result.
 
 Speed: BUILD_NOTES.md ("Separation") has the measured figures and commands. On CPU the query
 axis is spread over one XLA device per core (experiments/separation.py sets
@@ -64,6 +66,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jax_robust.distributed import to_host
 
 AXIS = "q"
 # Distance of "no such point" (an empty class, or no point of another label): int path.
@@ -464,7 +468,7 @@ def class_nearest(x_query, x_ref, y_ref, num_classes: int | None = None, *,
         d, i = _class_nearest_call(
             jax.device_put(q, by_query), jax.device_put(q_index, by_query), *refs,
             num_classes=num_classes, exclude_self=exclude_self, tiling=tiling, mesh=mesh)
-        d, i = np.asarray(d)[: hi - lo], np.asarray(i)[: hi - lo]
+        d, i = to_host(d)[: hi - lo], to_host(i)[: hi - lo]
         out_i[lo:hi] = i
         out_d[lo:hi] = np.where(i >= 0, d, out_d[lo:hi])
         if progress is not None:
@@ -572,7 +576,7 @@ def train_train_distance(x, y, *, num_classes: int | None = None, tiling: Tiling
             jax.block_until_ready(best)
             progress(Progress(min((call + 1) * per_call, len(valid) - pad), len(valid) - pad,
                               b * b, dims, time.monotonic() - start_time))
-    dist, index = _combine_devices(jax.tree.map(np.asarray, best), is_int)
+    dist, index = _combine_devices(jax.tree.map(to_host, best), is_int)
     first = np.ones(len(order), bool)  # each point's own position, not its repeats
     first[1:] = order[1:] != order[:-1]
     found = index[first] >= 0

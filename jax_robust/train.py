@@ -197,7 +197,7 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
 
     previous = None
     with TrainBatches(loop.dataset.x_train, loop.dataset.y_train, batch_size, spe,
-                      cfg.train.seed) as batches:
+                      cfg.train.seed, loop.mesh) as batches:
         while step < total:
             epoch, i = divmod(step, spe)
             batch = shard_batch(loop.mesh, batches.get(step, prefetch_next=step + 1 < total))

@@ -13,6 +13,7 @@ import pytest
 
 from jax_robust import augment, data, models
 from jax_robust.attacks import cross_entropy
+from mock_tfds import labelled_mock_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,23 +56,6 @@ def test_resize_shorter_side_then_center_crop_matches_pil():
     out = data.resize_and_center_crop(img, 72, 64)
     ref = np.asarray(Image.fromarray(img).resize((120, 72), Image.BILINEAR))[4:68, 28:92]
     np.testing.assert_array_equal(out, ref)
-
-
-def labelled_mock_source(self, split, **kwargs):
-    """A `tfds.testing.mock_data(as_data_source_fn=...)` source: 24 records of random uint8
-    images whose labels cycle through every class (for imagenet2012, through the first fine
-    class of each Restricted ImageNet group), so any 12 consecutive training records hold
-    every class, as `data.load_dataset` requires."""
-    if isinstance(split, (list, tuple)):
-        return [labelled_mock_source(self, s, **kwargs) for s in split]
-    if self.name == "imagenet2012":
-        labels, shape = [first for _, first, _ in data.RESTRICTED_IMAGENET_CLASSES], (80, 96, 3)
-    else:
-        labels = list(range(self.info.features["label"].num_classes))
-        shape = self.info.features["image"].shape
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    return [{"image": rng.integers(0, 256, shape, dtype=np.uint8),
-             "label": labels[i % len(labels)]} for i in range(24)]
 
 
 @pytest.mark.slow

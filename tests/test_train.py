@@ -45,7 +45,7 @@ def test_padded_batch_repeats_and_masks():
 def test_train_batches_follow_the_epoch_order_with_or_without_prefetch():
     x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
     y = np.arange(10, dtype=np.int32)
-    with pipeline.TrainBatches(x, y, 4, 3, seed=5) as batches:
+    with pipeline.TrainBatches(x, y, 4, 3, seed=5, mesh=pipeline.make_mesh()) as batches:
         got = [batches.get(s)["y"] for s in range(6)]
         again = batches.get(4, prefetch_next=False)["y"]  # out of order: gathered anew
     order = [pipeline.epoch_order(10, 5, e) for e in (0, 1)]

@@ -1,0 +1,201 @@
+"""Several JAX processes on this machine (gloo collectives over localhost) against one.
+
+Every run here is a subprocess: 2 processes x 2 CPU devices through experiments/launch_local.py,
+1 process x 4 devices and 1 process x 1 device through experiments/run.py.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCK = os.path.join(ROOT, "tests", "mock_tfds.py")
+# CNN1 on digits, AT, 3 epochs x 10 steps: it learns (test acc ~60%), so equal accuracies
+# mean something. 100 test points in eval batches of 64: the second batch is padded, and over
+# 2 processes the padding falls in process 1's rows.
+CNN1 = ["--method=at", "--max_train=320", "--max_test=100", "--epochs=3", "--batch_size=32",
+        "--eval_batch_size=64", "--attack_steps=2", "--lipschitz_steps=2", "--curve_size=40",
+        "--lr=0.3", "--checkpoint_every=4", "--log_every=1", "--noattack_unroll"]
+# WRN-16-2 (BatchNorm: its batch statistics span every device and process) on mock CIFAR-10.
+WRN = ["--dataset=cifar10", "--arch=wrn", "--wrn_depth=16", "--wrn_width=2", "--method=natural",
+       "--epochs=1", "--attack_steps=1", "--lipschitz_steps=1", "--batch_size=8",
+       "--eval_batch_size=16", "--max_train=16", "--max_test=20", "--curve_size=8", "--lr=0.1",
+       "--noattack_unroll"]
+ACCURACIES = ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc")
+LIPSCHITZ = ("train_lipschitz", "test_lipschitz", "test_lipschitz_ascent")
+PEER_TIMEOUT = 5
+
+
+def env():
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
+    # 4 virtual devices share 2 cores: lift XLA's 40 s stuck-collective abort.
+    e["XLA_FLAGS"] = "--xla_cpu_collective_call_terminate_timeout_seconds=1200"
+    return e
+
+
+def binary(script_args):
+    return [sys.executable, MOCK, "run"] if "--dataset=cifar10" in script_args else \
+        [sys.executable, "-m", "experiments.run"]
+
+
+def one_process(args, devices, workdir):
+    proc = subprocess.run([*binary(args), *args, f"--cpu_devices={devices}",
+                           f"--workdir={workdir}"],
+                          capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return results(workdir)
+
+
+def two_processes(args, workdir):
+    target = MOCK if "--dataset=cifar10" in args else "run"
+    extra = ["run"] if target == MOCK else []  # the mock script's own first argument
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.launch_local", "--num_processes=2", "--",
+         target, *extra, *args, "--cpu_devices=2", f"--workdir={workdir}",
+         f"--peer_timeout={PEER_TIMEOUT}"],
+        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return results(workdir), proc.stdout
+
+
+def results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def assert_same_numbers(a, b):
+    for k in ACCURACIES:
+        assert a[k] == b[k], k
+    # The all-reduce sums gradients in another order, so parameters differ in the last bits;
+    # the sign-step lipschitz searches amplify that (test_train uses the same tolerance).
+    for k in LIPSCHITZ:
+        assert a[k] == pytest.approx(b[k], rel=5e-2), k
+    assert a["examples"] == b["examples"] and a["steps"] == b["steps"]
+
+
+@pytest.fixture(scope="module")
+def cnn1_two_processes(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cnn1_2x2")
+    r, log = two_processes(CNN1, workdir)
+    return workdir, r, log
+
+
+@pytest.mark.slow
+def test_cnn1_over_two_processes_equals_one_process_of_four_and_of_one_device(
+        cnn1_two_processes, tmp_path):
+    workdir, two, log = cnn1_two_processes
+    four = one_process(CNN1, 4, tmp_path / "four")
+    one = one_process(CNN1, 1, tmp_path / "one")
+    assert (two["num_processes"], two["num_devices"]) == (2, 4)
+    assert (four["num_processes"], four["num_devices"], one["num_devices"]) == (1, 4, 1)
+    assert two["test_acc"] > 30  # the model learned: equal accuracies are not chance
+    assert_same_numbers(two, four)
+    assert_same_numbers(two, one)
+    # Every test point counted once: 100 points in batches of 64, split over the processes.
+    assert two["examples"] == {"train": 320, "test": 100}
+    # Process 0 alone logs progress and writes the files; each epoch appears once.
+    lines = log.splitlines()
+    assert any(line.startswith("[0] epoch 3/3") for line in lines)
+    assert not any(line.startswith("[1] ") and ("epoch" in line or "|" in line)
+                   for line in lines), [ln for ln in lines if ln.startswith("[1]")][:5]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_batchnorm_network_over_two_processes_equals_one_process(tmp_path):
+    two, _ = two_processes(WRN, tmp_path / "two")
+    four = one_process(WRN, 4, tmp_path / "four")
+    one = one_process(WRN, 1, tmp_path / "one")
+    assert (two["num_processes"], two["num_devices"]) == (2, 4)
+    assert two["examples"] == {"train": 16, "test": 20}  # 20 points in batches of 16
+    assert_same_numbers(two, four)
+    assert_same_numbers(two, one)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_ends_the_other_and_a_relaunch_resumes(
+        cnn1_two_processes, tmp_path):
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-u", "-m", "experiments.run", *CNN1, "--cpu_devices=2",
+         f"--workdir={tmp_path}", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}", f"--peer_timeout={PEER_TIMEOUT}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+        for i in range(2)]
+    try:
+        for line in procs[0].stdout:  # kill process 1 in epoch 2, after the step-8 checkpoint
+            if "step 13/30" in line:
+                break
+        else:
+            pytest.fail("process 0 ended before step 13: " + procs[0].stderr.read()[-2000:])
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = procs[0].wait(timeout=PEER_TIMEOUT + 60)
+        waited = time.monotonic() - killed
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert code == 3, err[-2000:]
+    assert "process 1 of 2 stopped responding" in err
+    assert waited < PEER_TIMEOUT + 30
+    assert not os.path.exists(tmp_path / "results.json")
+    resumed, log = two_processes(CNN1, tmp_path)
+    assert "[0] resumed from checkpoint" in log
+    _, uninterrupted, _ = cnn1_two_processes
+    timing = {"train_seconds", "eval_seconds"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in uninterrupted.items() if k not in timing}
+
+
+@pytest.mark.slow
+def test_separation_over_two_processes_gives_the_single_process_arrays(tmp_path):
+    args = ["--dataset=digits", "--max_points=700", "--n_closest=3", "--save_arrays",
+            "--noprogress"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.launch_local", "--num_processes=2", "--",
+         "separation", *args, "--cpu_devices=2", f"--workdir={tmp_path / 'two'}"],
+        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.separation", *args, "--cpu_devices=1",
+         f"--workdir={tmp_path / 'one'}"],
+        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = np.load(tmp_path / "two" / "separation_arrays.npz")
+    one = np.load(tmp_path / "one" / "separation_arrays.npz")
+    assert sorted(two.files) == sorted(one.files)
+    for name in one.files:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+    assert (one["train_train_index"] >= 0).all()
+    assert (len(one["train_train_dist"]), len(one["test_train_dist"])) == (700, 360)
+    for name in ("separation.json", "separation_hist.png"):
+        assert os.path.exists(tmp_path / "two" / name)
+
+
+def test_process_flags_are_checked_in_one_line(tmp_path):
+    for extra, needle in [(["--num_processes=2"], "go together"),
+                          (["--coordinator_address=localhost", "--num_processes=2",
+                            "--process_id=0"], "host:port"),
+                          (["--coordinator_address=localhost:1", "--num_processes=2",
+                            "--process_id=2"], "--process_id must be in [0, 2)")]:
+        proc = subprocess.run([sys.executable, "-m", "experiments.run", "--epochs=1",
+                               f"--workdir={tmp_path}", *extra],
+                              capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert needle in proc.stderr
