@@ -214,7 +214,8 @@ def evaluate_robustness(apply_fn: Callable, variables: Any, x, y, eps: float, *,
         data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         put = lambda a: jax.device_put(a, data)  # noqa: E731
         variables = jax.device_put(variables, replicated)
-        key = jax.device_put(key, replicated)
+        if jax.process_count() == 1:  # over processes jit places the (uncommitted) key
+            key = jax.device_put(key, replicated)
     if num_classes is None:
         num_classes = int(jax.eval_shape(apply_fn, variables, x[:1]).shape[-1])
 
