@@ -5,6 +5,9 @@ process 0 only."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import sys
 from typing import Callable
 
@@ -95,3 +98,28 @@ def say(message: str) -> None:
 
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def stop_requests() -> Callable[[], bool]:
+    """A poll that turns true after SIGTERM or Ctrl-C. Over several processes it is true on
+    all of them at the same poll (JAX's preemption sync point, which a SIGTERM to any one
+    process triggers), so they save the same checkpoint together."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # JAX's own SIGTERM handler serves the sync point; Ctrl-C is turned into a SIGTERM.
+        signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        polls = itertools.count()
+        return lambda: multihost_utils.reached_preemption_sync_point(next(polls))
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+        print(f"signal {signum}: stopping (a checkpoint is saved if training)", file=sys.stderr,
+              flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return lambda: stop["requested"]

@@ -8,11 +8,8 @@ Re-running with the same --workdir resumes from its newest checkpoint.
 
 from __future__ import annotations
 
-import itertools
 import os
-import signal
 import sys
-from typing import Callable
 
 from absl import flags
 
@@ -169,38 +166,13 @@ def print_row(r: dict, workdir: str) -> None:
           f"eval {r['eval_seconds']:.0f}s)")
 
 
-def stop_requests() -> Callable[[], bool]:
-    """A poll that turns true after SIGTERM or Ctrl-C. Over several processes it is true on
-    all of them at the same poll (JAX's preemption sync point, which a SIGTERM to any one
-    process triggers), so they save the same checkpoint together."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        # JAX's own SIGTERM handler serves the sync point; Ctrl-C is turned into a SIGTERM.
-        signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        polls = itertools.count()
-        return lambda: multihost_utils.reached_preemption_sync_point(next(polls))
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        stop["requested"] = True
-        print(f"signal {signum}: stopping (a checkpoint is saved if training)", file=sys.stderr,
-              flush=True)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return lambda: stop["requested"]
-
-
 def main(argv):
     cfg, workdir = prepare(argv)
     cli.join_processes()
     from jax_robust import distributed, train
 
     try:
-        r = train.train_and_evaluate(cfg, workdir, log=cli.say, should_stop=stop_requests(),
+        r = train.train_and_evaluate(cfg, workdir, log=cli.say, should_stop=cli.stop_requests(),
                                      eval_only=FLAGS.eval_only)
     except train.Interrupted as e:
         if distributed.is_primary():

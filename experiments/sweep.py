@@ -7,8 +7,9 @@
 Each cell runs in <workdir>/<row>-<variant>[-drop<rate>]-seed<k>. A finished cell (its
 results.json made with the requested configuration) is not re-run, an interrupted one resumes
 from its checkpoints; a cell whose results or checkpoints were made with other settings is
-refused (naming them) unless --overwrite. At the end experiments/report.py's tables and plots
-are written to the workdir.
+refused (naming them) unless --overwrite. SIGTERM or Ctrl-C: the running cell saves a
+checkpoint and the sweep exits with code 130; run it again to continue. At the end
+experiments/report.py's tables and plots are written to the workdir.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ flags.DEFINE_integer("max_test", None, "use only the first N test points")
 flags.DEFINE_integer("train_eval_size", None, "training points evaluated (default all)")
 flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
 flags.DEFINE_string("workdir", "runs/sweep", "root of the runs and the report")
+flags.DEFINE_bool("attack_unroll", None, "speed: unroll the PGD and lipschitz loops (default: "
+                  "on CPU; off compiles faster, for small grids)")
 flags.DEFINE_bool("overwrite", False, "re-run cells made with other settings (deletes them)")
 cli.define_process_flags()
 
@@ -107,7 +110,8 @@ def base_config() -> cfglib.RunConfig:
         model=cfglib.ModelConfig(FLAGS.arch),
         train=cfglib.TrainConfig(epochs=FLAGS.epochs, milestones=milestones),
         eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
-                               train_eval_size=FLAGS.train_eval_size))
+                               train_eval_size=FLAGS.train_eval_size),
+        speed=cfglib.SpeedConfig(attack_unroll=FLAGS.attack_unroll))
 
 
 def grid(base: cfglib.RunConfig) -> list[tuple[str, cfglib.RunConfig]]:
@@ -176,6 +180,7 @@ def main(argv):
     distributed.barrier("jax_robust-sweep-start")  # every process has read the same state
     cli.say(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
     start, finished = time.time(), 0
+    should_stop = cli.stop_requests()  # SIGTERM / Ctrl-C: the running cell saves a checkpoint
     for i, (name, cfg) in enumerate(todo):
         workdir = os.path.join(root, name)
         if stale[name] and primary:  # refused above unless --overwrite
@@ -187,11 +192,15 @@ def main(argv):
                 f"{len(cells) - len(todo) + i} done, 1 running, {len(todo) - i - 1} left{eta}")
 
         def run_cell():
-            train.train_and_evaluate(cfg, workdir, dataset=dataset,
+            train.train_and_evaluate(cfg, workdir, dataset=dataset, should_stop=should_stop,
                                      log=lambda m: cli.say("  " + m))
 
         try:
             run_cell()
+        except train.Interrupted as e:
+            if primary:
+                print(f"{name}: {e}; rerun the sweep to continue", file=sys.stderr)
+            sys.exit(130)
         except train.OtherRun:
             if not FLAGS.overwrite:
                 raise

@@ -97,7 +97,7 @@ def test_separation_mistakes_exit_2_with_one_line(tmp_path, args, needle):
     assert not os.path.exists(os.path.join(bad, "separation.json"))
 
 
-SWEEP = ["--rows=natural", "--max_train=64", "--max_test=32", "--epochs=1",
+SWEEP = ["--noattack_unroll", "--rows=natural", "--max_train=64", "--max_test=32", "--epochs=1",
          "--eval_batch_size=32"]
 
 
