@@ -1,39 +1,66 @@
-"""Images/s of one adversarial-training step, the project's JAX step against eager PyTorch.
+"""Images/s of one adversarial-training step, the project's JAX step against PyTorch modes.
 
-    python benchmarks/at_step.py                  # cnn1, cnn2, wrn-16-4; batch 128 (~15 min, CPU)
+    python benchmarks/at_step.py                  # cnn1, cnn2, wrn-16-4; batch 128 (CPU: long)
     python benchmarks/at_step.py --models=cnn1,cnn2 --jax_variants=base,xlapool+xlaconv+biasfirst
+    python benchmarks/at_step.py --models=cnn1 --torch_modes=torch_nchw,torch_compile_nograd
     python benchmarks/at_step.py --models=wrn --wrn_depth=40 --wrn_width=10 --peak_tflops=495
     python benchmarks/at_step.py --ablation --models=cnn1,cnn2     # the CPU levers, one table
     python benchmarks/at_step.py --ablation --models=wrn --steps=1 --repeats=3   # flaxbn
+    python benchmarks/at_step.py --models=cnn1 --repeats=1 --steps=1 --warmup=0 --pgd_steps=2 \
+        --peak_size=1024 --torch_compile_cache     # a quick check that it runs
 
 One step = PGD-10 on cross-entropy (random start U(-eps, eps) clipped to [0, 1], step eps/5,
 sign ascent, projection and clip) + one SGD-momentum(0.9) update on CE(f(x_adv)), batch 128.
 JAX: `step.make_train_step(methods.get("at").objective, ...)` on `models.build_model(...,
-speed=...)`, jitted with the state donated. PyTorch: benchmarks/torch_models.py, eager, the
-same nets, `torch.set_num_threads(os.cpu_count())` (--notorch: JAX only, torch not imported).
+speed=...)`, jitted with the state donated. PyTorch: benchmarks/torch_models.py, the same
+nets, `torch.set_num_threads(os.cpu_count())` (--notorch: JAX only, torch not imported), in
+the modes of --torch_modes (default: all; torch_models.MODES):
+  torch_nchw            eager, NCHW: the official code's
+  torch_cl              eager, channels_last
+  torch_nograd          eager, NCHW, the weights' requires_grad off during the attack (on again
+                        for the update), as a careful PyTorch user writes it
+  torch_compile         torch.compile(model), default mode
+  torch_compile_nograd  torch.compile(model), requires_grad off during the attack (a compiled
+                        backward computes the weight gradients unless they are off)
 Modes match on both sides: --variant=paper (default) attacks in eval mode on both, --variant=
 official in train mode on both (dropout masks, BatchNorm batch statistics); the update is in
 train mode on both. Random data (MNIST-shaped 28x28x1 for the CNNs, eps 0.1; CIFAR-shaped
 32x32x3 for the WRN, eps 8/255).
 
-Timing: compile is timed apart (lower + compile), then --warmup untimed repetitions, then
---repeats repetitions of --steps steps each, alternating PyTorch and each JAX variant (A B A B)
-in one process; reported: the median images/s. Each line also gives the CPU that OTHER
-processes used meanwhile ("others 0.02 cores"): re-run when it is not near 0. --jax_variants
-takes benchmarks/jax_levers.py lever names, '+'-joined ("base" = config.CPU_SPEED); levers that
-do not reach a model are dropped for it, and before timing, every variant is checked to lower
-to another program than the same variant without each of its levers (an error otherwise).
-FLOPs per step come from XLA's cost analysis of the compiled step; with --peak_tflops the
-model FLOPs utilisation is printed too (GPU: e.g. 495 for an H100 SXM's dense TF32, which
-JAX's default float32 precision uses for convolutions and matmuls there).
+Timing: JAX's compile is timed apart (lower + compile); each PyTorch mode's first two steps
+are timed and the compile time is the first's excess over the second (the compiled modes after
+torch.compile's one-time start-up, printed apart, each from scratch: dynamo's graphs dropped,
+a fresh empty inductor cache unless --torch_compile_cache; torch_models.compile_times); then
+--warmup untimed repetitions, then --repeats repetitions of --steps steps each, alternating
+every PyTorch mode and each JAX variant (A B C A B C) in one process; reported: the median
+images/s. Each line also gives the CPU that OTHER processes used meanwhile ("others 0.02
+cores"): re-run when it is not near 0. --jax_variants takes benchmarks/jax_levers.py lever
+names, '+'-joined ("base" = config.CPU_SPEED); levers that do not reach a model are dropped for
+it, and before timing, every variant is checked to lower to another program than the same
+variant without each of its levers (an error otherwise).
+
+FLOPs: counted analytically (benchmarks/flop_count.py: 2 x MACs of the convs and dense layers;
+a PGD step = forward + input gradient of every layer, the update = forward + input gradients
+of every layer but the first + weight gradients; CNN1 551.3, CNN2 457.4 MFLOP per image at
+PGD-10) and by XLA's cost analysis of the compiled step; both are printed, and their ratio.
+The peak is measured in the same run: the best GFLOP/s of a float32 --peak_size^3 matmul
+(NumPy, JAX, PyTorch; bench_util.matmul_peak). Printed for JAX and the best PyTorch mode:
+achieved GFLOP/s = analytic FLOPs x images/s, and its % of the measured peak (with
+--peak_tflops, also of that nominal peak: e.g. 495 for an H100 SXM's dense TF32, which JAX's
+default float32 precision uses for convolutions and matmuls there).
 
 Device-agnostic: JAX runs on its default backend, PyTorch on CUDA when available (synchronised
 before the clock stops). --ablation runs this script in subprocesses, one per XLA flag setting
 (XLA_FLAGS is read when JAX is imported), the in-process levers in the first, and prints the
-per-lever table (CPU only: the flags are XLA:CPU's).
+per-lever table against the best PyTorch mode of each subprocess (CPU only: the flags are
+XLA:CPU's).
 
-Output: one line per measurement, then a markdown table: model, JAX variant, JAX img/s,
-PyTorch img/s, ratio JAX/PyTorch.
+Output: one line per measurement, then a markdown table: model, JAX variant, JAX img/s, the
+img/s of every PyTorch mode, the best mode, ratio JAX / best mode, MFLOP/img analytic (XLA),
+and the achieved GFLOP/s (% of the measured peak) of JAX and of the best mode. With --json, a
+'RESULT {json}' line per model and variant: jax, torch (the best mode's img/s), best_torch,
+ratio, torch_modes (img/s by mode), torch_compile_s, jax_compile_s, flops_analytic, flops_xla
+(per image), peak_gflops, jax_gflops, best_torch_gflops, xla_flags, speed_flags.
 """
 
 from __future__ import annotations
@@ -47,6 +74,7 @@ import time
 from absl import app, flags
 
 import bench_util
+import flop_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cnn1", "cnn2", "wrn"], "cnn1, cnn2, wrn")
@@ -64,12 +92,21 @@ flags.DEFINE_enum("pool_ties", "split", ["split", "first"], "the CNNs' max-pool 
                   "(models.build_model); with 'first' the pool has one form, so the xlapool "
                   "lever changes nothing and the self-check refuses it")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants to time (benchmarks/jax_levers.py)")
-flags.DEFINE_bool("torch", True, "time the PyTorch baseline")
-flags.DEFINE_list("torch_layouts", ["nchw"], "PyTorch memory formats to time: nchw (the official "
-                  "code's, the baseline of the ratio) and/or channels_last")
+flags.DEFINE_bool("torch", True, "time the PyTorch baselines")
+flags.DEFINE_list("torch_modes", list(bench_util.TORCH_MODES), "PyTorch modes to time (the ratio "
+                  "is against the fastest): " + ", ".join(bench_util.TORCH_MODES))
+flags.register_validator("torch_modes", lambda v: set(v) <= set(bench_util.TORCH_MODES),
+                         "--torch_modes: unknown mode")
+flags.DEFINE_list("torch_layouts", None, "old form of --torch_modes (overrides it): nchw = "
+                  "torch_nchw, channels_last = torch_cl")
+flags.DEFINE_bool("torch_compile_cache", False, "time torch.compile with inductor's usual "
+                  "caches (off: each compiled mode compiles in a fresh, empty cache)")
+flags.DEFINE_integer("peak_size", 4096, "matrix size of the float32 matmul peak measurement")
+flags.DEFINE_integer("peak_repeats", 3, "timed matmuls of the peak measurement (best reported)")
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_string("xla_flags", "", "extra XLA flags, appended to XLA_FLAGS")
-flags.DEFINE_float("peak_tflops", None, "device peak TFLOP/s (float32) for the MFU column")
+flags.DEFINE_float("peak_tflops", None, "nominal device peak TFLOP/s (float32): also print the "
+                   "utilisation of it")
 flags.DEFINE_bool("ablation", False, "run the per-lever ablation (subprocesses)")
 flags.DEFINE_list("ablation_flags", [
     "none",  # XLA's defaults: no XLA flags at all (YNNPACK takes the convolutions)
@@ -161,48 +198,51 @@ def jax_runner(built, steps):
     return run, compile_s, bench_util.flops_of(compiled)
 
 
-def torch_runner(arch, x, y, steps, device, layout):
+def torch_runner(arch, x, y, steps, mode_name):
+    """(run, one_step): `run` times `steps` PyTorch AT steps in mode `mode_name` (bench_util.
+    TORCH_MODES; on CUDA when available) and returns the seconds; `one_step` makes one step."""
     import torch
 
     import torch_models
 
+    device = torch_models.default_device()
+    mode = torch_models.MODES[mode_name]
     torch.manual_seed(0)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    model = torch_models.build(arch, FLAGS.wrn_depth, FLAGS.wrn_width).to(device,
-                                                                          memory_format=fmt)
+    model, xt = torch_models.prepare(torch_models.build(arch, FLAGS.wrn_depth, FLAGS.wrn_width),
+                                     torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), mode,
+                                     device)
     optimizer = torch.optim.SGD(model.parameters(), lr=FLAGS.lr, momentum=0.9)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device).contiguous(
-        memory_format=fmt)
     yt = torch.from_numpy(y.astype("int64")).to(device)
     eps = EPS[arch]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def run():
-        def go():
-            for _ in range(steps):
-                loss = torch_models.at_step(model, optimizer, xt, yt, eps, eps / 5,
-                                            FLAGS.pgd_steps, FLAGS.variant == "official")
-            loss.item()
-            sync()
-        return bench_util.timed(go)
+    def go(n):
+        for _ in range(n):
+            loss = torch_models.at_step(model, optimizer, xt, yt, eps, eps / 5, FLAGS.pgd_steps,
+                                        FLAGS.variant == "official", mode.no_weight_grad)
+        loss.item()
+        sync()
 
-    return run
+    return (lambda: bench_util.timed(lambda: go(steps))), (lambda: go(1))
 
 
-def measure(arch):
+def measure(arch, peak):
+    """Times the modes and variants on `arch`; prints the lines; returns the bench_util.Rows."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     x = rng.random((FLAGS.batch, *SHAPES[arch]), dtype=np.float32)
     y = rng.integers(0, 10, FLAGS.batch).astype(np.int32)
     images = FLAGS.batch * FLAGS.steps
-    runners, flops = {}, {}
-    if FLAGS.torch:
-        import torch
+    modes = bench_util.selected_modes(FLAGS.torch, FLAGS.torch_modes, FLAGS.torch_layouts)
+    runners, compile_s = {}, {}
+    if modes:
+        import torch_models
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        for layout in FLAGS.torch_layouts:
-            runners[f"pytorch {layout}"] = torch_runner(arch, x, y, FLAGS.steps, device, layout)
+        one_steps = {}
+        for mode in modes:
+            runners[mode], one_steps[mode] = torch_runner(arch, x, y, FLAGS.steps, mode)
+        compile_s = torch_models.compile_times(arch, one_steps, FLAGS.torch_compile_cache)
     import jax_levers
 
     # A lever that does not reach this model is dropped from the variant.
@@ -216,35 +256,33 @@ def measure(arch):
         return result[0].as_text()
 
     lower_text = jax_levers.memoised(lower_text)
+    flops, jax_compile_s = {}, {}
     for variant in variants:
         jax_levers.check_changes(variant, lower_text)  # raises if a lever changed nothing
         result = built.pop(frozenset(jax_levers.levers(variant)), None)
-        run, compile_s, flops[variant] = jax_runner(
+        run, jax_compile_s[variant], flops[variant] = jax_runner(
             result or build_step(arch, variant, x, y), FLAGS.steps)
         runners["jax " + variant] = run
-        print(f"{arch:<6} jax {variant:<18} compile {compile_s:6.1f} s, "
+        print(f"{arch:<6} jax {variant:<18} compile {jax_compile_s[variant]:6.1f} s, "
               f"{flops[variant] / 1e9:.1f} GFLOP/step (XLA cost analysis)")
     for _ in range(FLAGS.warmup):
         for run in runners.values():
             run()
     rates = bench_util.alternate(arch, runners, FLAGS.repeats, images)
-    torch_rates = [rates.pop(f"pytorch {layout}") for layout in FLAGS.torch_layouts
-                   if FLAGS.torch]
-    torch_rate = torch_rates[0] if torch_rates else 0.0
-    for layout, rate in zip(FLAGS.torch_layouts[1:], torch_rates[1:]):
-        print(f"{arch:<6} pytorch {layout}: {rate:.1f} img/s, {rate / torch_rate:.2f}x the "
-              f"{FLAGS.torch_layouts[0]} baseline")
+    torch_rates = {mode: rates.pop(mode) for mode in modes}
+    analytic = flop_count.at_step_flops(
+        flop_count.layer_macs(arch, FLAGS.wrn_depth, FLAGS.wrn_width), FLAGS.pgd_steps)
     rows = []
     for variant in variants:
-        rate = rates["jax " + variant]
-        tflops = flops[variant] * rate / FLAGS.batch / 1e12
-        mfu = f", MFU {100 * tflops / FLAGS.peak_tflops:.1f}%" if FLAGS.peak_tflops else ""
-        print(f"{arch:<6} jax {variant:<18} {tflops * 1e3:.1f} GFLOP/s{mfu}")
-        rows.append((arch, variant, rate, torch_rate))
+        row = bench_util.Row(arch, variant, rates["jax " + variant], torch_rates, analytic,
+                             flops[variant] / FLAGS.batch, peak)
+        print(row.describe(FLAGS.peak_tflops))
+        rows.append(row)
         if FLAGS.json:
-            print("RESULT " + json.dumps({"model": arch, "variant": variant, "jax": rate,
-                                          "torch": torch_rate, "xla_flags": FLAGS.xla_flags,
-                                          "speed_flags": FLAGS.speed_flags}))
+            print("RESULT " + json.dumps({
+                **row.result(), "torch_compile_s": compile_s,
+                "jax_compile_s": jax_compile_s[variant], "xla_flags": FLAGS.xla_flags,
+                "speed_flags": FLAGS.speed_flags}))
     sys.stdout.flush()
     return rows
 
@@ -255,7 +293,12 @@ def ablation():
             f"--models={','.join(FLAGS.models)}", f"--batch={FLAGS.batch}",
             f"--repeats={FLAGS.repeats}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
             f"--pgd_steps={FLAGS.pgd_steps}", f"--variant={FLAGS.variant}",
-            f"--wrn_depth={FLAGS.wrn_depth}", f"--wrn_width={FLAGS.wrn_width}"]
+            f"--wrn_depth={FLAGS.wrn_depth}", f"--wrn_width={FLAGS.wrn_width}",
+            "--torch" if FLAGS.torch else "--notorch",
+            "--torch_modes=" + ",".join(bench_util.selected_modes(True, FLAGS.torch_modes,
+                                                                  FLAGS.torch_layouts)),
+            f"--torch_compile_cache={FLAGS.torch_compile_cache}",
+            f"--peak_size={FLAGS.peak_size}", f"--peak_repeats={FLAGS.peak_repeats}"]
     settings = [("project flags", [f"--jax_variants={IN_PROCESS_LEVERS}"])]
     for flag in FLAGS.ablation_flags:
         settings.append((flag, [f"--jax_variants={BEST}", "--nospeed_flags"] if flag == "none"
@@ -273,8 +316,9 @@ def ablation():
                 print(line)
         if out.returncode:
             print(out.stderr[-3000:])
-    print("\n| XLA flags | JAX variant | model | JAX img/s | PyTorch img/s | ratio | JAX vs base "
-          "(same process) | ratio vs project flags |\n|---|---|---|---:|---:|---:|---:|---:|")
+    print("\n| XLA flags | JAX variant | model | JAX img/s | best PyTorch img/s (mode) | ratio | "
+          "JAX vs base (same process) | ratio vs project flags |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|")
     for name, r in results:
         def find(setting, variant):
             return [s for n, s in results
@@ -282,11 +326,12 @@ def ablation():
 
         same, project = find(name, "base"), find(settings[0][0], r["variant"])
         rel = f"{r['jax'] / same[0]['jax']:.2f}" if same else "n/a"
-        ratio = r["jax"] / r["torch"]
-        vs = (f"{ratio / (project[0]['jax'] / project[0]['torch']):.2f}"
-              if project and name != settings[0][0] else "")
-        print(f"| {name} | {r['variant']} | {r['model']} | {r['jax']:.1f} | {r['torch']:.1f} | "
-              f"{ratio:.2f} | {rel} | {vs} |")
+        best = f"{r['torch']:.1f} ({r['best_torch']})" if r["ratio"] else "n/a"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "n/a"
+        vs = (f"{r['ratio'] / project[0]['ratio']:.2f}" if r["ratio"] and project
+              and project[0]["ratio"] and name != settings[0][0] else "")
+        print(f"| {name} | {r['variant']} | {r['model']} | {r['jax']:.1f} | {best} | {ratio} | "
+              f"{rel} | {vs} |")
 
 
 def main(argv):
@@ -299,9 +344,10 @@ def main(argv):
           f"{FLAGS.batch}, {FLAGS.steps} steps per repetition, {FLAGS.repeats} repetitions; "
           f"wrn = WRN-{FLAGS.wrn_depth}-{FLAGS.wrn_width}")
     sys.stdout.flush()
+    peak = bench_util.print_peak(FLAGS.peak_size, FLAGS.peak_repeats)
     rows = []
     for arch in FLAGS.models:
-        rows += measure(arch)
+        rows += measure(arch, peak)
     print(f"load average after: {bench_util.load_average()}")
     print(bench_util.summary(rows))
 

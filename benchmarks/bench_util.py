@@ -1,10 +1,12 @@
-"""Shared helpers of the speed benchmarks: machine description, A/B alternation, the tables.
+"""Shared helpers of the speed benchmarks: machine description, A/B alternation, compile and
+peak timing, the tables.
 
 Imports neither JAX nor PyTorch, so a benchmark can set XLA_FLAGS after parsing its flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -95,6 +97,49 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def first_calls(call: Callable[[], None], calls: int = 2) -> tuple[float, list[float]]:
+    """Times `calls` first calls of `call`; returns (the seconds the calls before the last took
+    beyond the last one's: the compile time, when the last is steady; the seconds of each)."""
+    seconds = [timed(call) for _ in range(calls)]
+    return sum(max(s - seconds[-1], 0.0) for s in seconds[:-1]), seconds
+
+
+def matmul_peak(size: int = 4096, repeats: int = 3) -> tuple[float, dict[str, float]]:
+    """(best GFLOP/s, GFLOP/s per library) of a float32 `size` x `size` matmul, the best of
+    `repeats` timed runs after an untimed one, with NumPy and with JAX and PyTorch on their
+    devices when they are already imported (JAX's default precision: TF32 on recent GPUs)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    products = {"numpy": lambda: a @ a}
+    if "jax" in sys.modules:
+        import jax
+
+        a_jax, matmul = jax.device_put(a), jax.jit(lambda m: m @ m)
+        products["jax"] = lambda: matmul(a_jax).block_until_ready()
+    if "torch" in sys.modules:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        a_torch = torch.from_numpy(a).to(device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        products["torch"] = lambda: (a_torch @ a_torch, sync())
+    rates = {}
+    for name, product in products.items():
+        product()
+        rates[name] = 2 * size**3 / min(timed(product) for _ in range(repeats)) / 1e9
+    return max(rates.values()), rates
+
+
+def print_peak(size: int, repeats: int) -> float:
+    """Measures `matmul_peak`, prints it, returns the best GFLOP/s."""
+    peak, rates = matmul_peak(size, repeats)
+    print(f"float32 matmul peak ({size}^3, best of {repeats}): " + ", ".join(
+        f"{name} {rate:.1f}" for name, rate in rates.items()) + f" GFLOP/s; peak {peak:.1f}")
+    sys.stdout.flush()
+    return peak
+
+
 def flops_of(compiled) -> float:
     """FLOPs of one call of a compiled JAX function (XLA's cost analysis; 0 if unknown)."""
     cost = compiled.cost_analysis()
@@ -102,12 +147,88 @@ def flops_of(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def summary(rows: list[tuple[str, str, float, float]]) -> str:
-    """Markdown table of (model, what, JAX img/s, PyTorch img/s) with the ratio JAX/PyTorch."""
-    lines = ["| model | JAX | JAX img/s | PyTorch img/s | ratio JAX/PyTorch |",
-             "|---|---|---:|---:|---:|"]
-    for model, what, jax_rate, torch_rate in rows:
-        ratio = f"{jax_rate / torch_rate:.2f}" if torch_rate else "n/a"
-        torch_col = f"{torch_rate:.1f}" if torch_rate else "n/a"
-        lines.append(f"| {model} | {what} | {jax_rate:.1f} | {torch_col} | {ratio} |")
+# The PyTorch modes the benchmarks can time: the keys of torch_models.MODES (which imports torch).
+TORCH_MODES = ("torch_nchw", "torch_cl", "torch_nograd", "torch_compile", "torch_compile_nograd")
+LAYOUT_MODES = {"nchw": "torch_nchw", "channels_last": "torch_cl"}  # the old --torch_layouts
+
+
+def selected_modes(use_torch: bool, modes: list[str], layouts: list[str] | None) -> list[str]:
+    """The PyTorch modes to time: none without torch; the old --torch_layouts when given."""
+    if not use_torch:
+        return []
+    return [LAYOUT_MODES[layout] for layout in layouts] if layouts else list(modes)
+
+
+@dataclasses.dataclass
+class Row:
+    """One JAX variant on one model, with the PyTorch modes of the same run."""
+
+    model: str
+    what: str  # the JAX variant
+    jax: float  # JAX images/s
+    torch: dict[str, float]  # images/s per PyTorch mode
+    flops: float  # analytic FLOPs per image
+    xla_flops: float  # XLA's cost analysis, FLOPs per image
+    peak: float  # measured float32 matmul peak, GFLOP/s
+
+    def best(self) -> tuple[str | None, float]:
+        """(name, images/s) of the fastest PyTorch mode; (None, 0) without PyTorch."""
+        return max(self.torch.items(), key=lambda kv: kv[1], default=(None, 0.0))
+
+    def ratio(self) -> float | None:
+        """JAX images/s / the best PyTorch mode's; None without PyTorch."""
+        return self.jax / self.best()[1] if self.torch else None
+
+    def gflops(self, rate: float) -> float:
+        """Achieved GFLOP/s at `rate` images/s (the analytic count)."""
+        return self.flops * rate / 1e9
+
+    def achieved(self, rate: float) -> str:
+        """'G GFLOP/s (P% of peak)' at `rate` images/s."""
+        return f"{self.gflops(rate):.1f} ({100 * self.gflops(rate) / self.peak:.1f}%)"
+
+    def describe(self, peak_tflops: float | None = None) -> str:
+        """Lines on the FLOP counts and the achieved GFLOP/s of JAX and the best PyTorch mode
+        (with `peak_tflops`, also the utilisation of that nominal peak)."""
+        head = f"{self.model:<6} jax {self.what:<18}"
+        lines = [f"{head} FLOPs/img: analytic {self.flops / 1e6:.1f} M, XLA "
+                 f"{self.xla_flops / 1e6:.1f} M (XLA/analytic {self.xla_flops / self.flops:.3f})"]
+        sides = [("jax " + self.what, self.jax)]
+        if self.torch:
+            best, best_rate = self.best()
+            sides.append(("best " + best, best_rate))
+        for name, rate in sides:
+            nominal = (f", {100 * self.gflops(rate) / 1e3 / peak_tflops:.1f}% of "
+                       f"{peak_tflops} TFLOP/s" if peak_tflops else "")
+            lines.append(f"{self.model:<6} {name:<22} {rate:.1f} img/s = {self.gflops(rate):.1f} "
+                         f"GFLOP/s, {100 * self.gflops(rate) / self.peak:.1f}% of the measured "
+                         f"peak {self.peak:.1f}{nominal}")
+        return "\n".join(lines)
+
+    def result(self) -> dict:
+        """The RESULT json fields."""
+        best, best_rate = self.best()
+        return {"model": self.model, "variant": self.what, "jax": self.jax, "torch": best_rate,
+                "best_torch": best, "ratio": self.ratio(), "torch_modes": self.torch,
+                "flops_analytic": self.flops, "flops_xla": self.xla_flops,
+                "peak_gflops": self.peak, "jax_gflops": self.gflops(self.jax),
+                "best_torch_gflops": self.gflops(best_rate)}
+
+
+def summary(rows: list[Row]) -> str:
+    """Markdown table: each row's JAX img/s, every PyTorch mode's, the ratio JAX / the best
+    mode, the FLOPs per image (analytic, XLA's) and the achieved GFLOP/s (% of the peak)."""
+    modes = list(dict.fromkeys(m for row in rows for m in row.torch))
+    lines = ["| model | JAX | JAX img/s | " + "".join(f"{m} | " for m in modes)
+             + "best PyTorch | ratio JAX/best | MFLOP/img analytic (XLA) | JAX GFLOP/s (% peak) "
+             "| best PyTorch GFLOP/s (% peak) |",
+             "|---|---|---:|" + "---:|" * len(modes) + "---|---:|---:|---:|---:|"]
+    for row in rows:
+        best, best_rate = row.best()
+        cells = [row.model, row.what, f"{row.jax:.1f}"]
+        cells += [f"{row.torch[m]:.1f}" if m in row.torch else "n/a" for m in modes]
+        cells += [best or "n/a", f"{row.ratio():.2f}" if row.torch else "n/a",
+                  f"{row.flops / 1e6:.1f} ({row.xla_flops / 1e6:.1f})", row.achieved(row.jax),
+                  row.achieved(best_rate) if row.torch else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,36 +1,59 @@
 """Images/s of the "test lipschitz" estimate: `lipschitz_estimate(direction="descent")` against
-the official PyTorch procedure (`estimate_local_lip_v2`, OFFICIAL_CODE.md section 5).
+the official PyTorch procedure (`estimate_local_lip_v2`, OFFICIAL_CODE.md section 5) in several
+PyTorch modes.
 
     python benchmarks/lipschitz.py                       # cnn1, cnn2; batch 128
     python benchmarks/lipschitz.py --models=cnn2 --batch=512 --repeats=9
     python benchmarks/lipschitz.py --torch_recompute_fx  # PyTorch as coded: f(x) every step
     python benchmarks/lipschitz.py --jax_variants=base,xlapool+xlaconv+biasfirst  # jax_levers.py
+    python benchmarks/lipschitz.py --torch_modes=torch_nchw,torch_compile_nograd
     python benchmarks/lipschitz.py --notorch             # JAX only (torch not imported)
+    python benchmarks/lipschitz.py --models=cnn1 --repeats=1 --calls=1 --warmup=0 --steps=2 \
+        --peak_size=1024 --torch_compile_cache     # a quick check that it runs
 
-Per batch: x' = x + 0.001 N(0, 1); 10 times x' <- clip(proj_eps(x' + 0.003 sign(grad(-R)))),
-R the batch mean of ||f(x) - f(x')||_1 / ||(x - x') + 1e-6||_inf on logits (eval mode); then
-r at the final x'. Both sides use the same weights (the Flax init, copied into the PyTorch
-net; CNN2's zero-initialised last layer is replaced by small random weights so the ratios are
-not all 0) and the same MNIST-shaped random data, eps 0.1; the mean estimate of each side is
-printed as a check (the noise differs, so they agree roughly, not exactly). f(x) is computed
-once on both sides unless --torch_recompute_fx (the official code recomputes it each step).
+Per batch: x' = x + 0.001 N(0, 1); 10 (--steps) times x' <- clip(proj_eps(x' + 0.003
+sign(grad(-R)))), R the batch mean of ||f(x) - f(x')||_1 / ||(x - x') + 1e-6||_inf on logits
+(eval mode); then r at the final x'. Both sides use the same weights (the Flax init, copied
+into the PyTorch net; CNN2's zero-initialised last layer is replaced by small random weights so
+the ratios are not all 0) and the same MNIST-shaped random data, eps 0.1; the mean estimate of
+each side is printed as a check (the noise differs, so they agree roughly, not exactly). f(x)
+is computed once on both sides unless --torch_recompute_fx (the official code recomputes it
+each step).
 
-Timing as benchmarks/at_step.py: compile apart, --warmup, then --repeats repetitions of
---calls batches each, alternating PyTorch and JAX (each --jax_variants entry: the library's
+PyTorch modes (--torch_modes, default all; torch_models.MODES): torch_nchw (eager, NCHW: the
+official code's), torch_cl (eager, channels_last), torch_nograd (eager, NCHW, the weights'
+requires_grad off throughout: the estimate needs only the input's gradient), torch_compile
+(torch.compile(model), default mode), torch_compile_nograd (compiled, requires_grad off).
+
+Timing as benchmarks/at_step.py: JAX's compile apart; each PyTorch mode's first two batches
+timed, its compile time the first's excess over the second (compiled modes from scratch,
+after torch.compile's start-up); --warmup, then --repeats repetitions of --calls batches each,
+alternating every PyTorch mode and each JAX variant (each --jax_variants entry: the library's
 `lipschitz_estimate` on `models.build_model(..., speed=jax_levers.parse(variant))`, with
-`unroll=speed.attack_unroll`; "base" = config.CPU_SPEED); median images/s; a final markdown
-table. Levers that do not reach a model are dropped for it; every variant is checked, before
-timing, to lower to another program than the same variant without each of its levers.
+`unroll=speed.attack_unroll`; "base" = config.CPU_SPEED); median images/s. Levers that do not
+reach a model are dropped for it; every variant is checked, before timing, to lower to another
+program than the same variant without each of its levers.
+
+FLOPs per image: analytic (benchmarks/flop_count.py: f(x) once, --steps steps of forward +
+input gradient, f(x') once: 22 forwards' worth at 10 steps, CNN1 527.7, CNN2 437.9 MFLOP;
+--torch_recompute_fx's extra f(x) per step is not counted) and XLA's cost analysis,
+both printed with their ratio; achieved GFLOP/s (analytic FLOPs x images/s) and % of the
+float32 matmul peak measured in the same run (--peak_size), for JAX and the best PyTorch mode.
+Output: the final markdown table has the columns of benchmarks/at_step.py's (every mode's
+img/s, ratio JAX / best mode, FLOPs, GFLOP/s); --json adds a 'RESULT {json}' line per model and
+variant with the same fields as at_step.py's.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 from absl import app, flags
 
 import bench_util
+import flop_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cnn1", "cnn2"], "cnn1, cnn2")
@@ -39,13 +62,24 @@ flags.DEFINE_integer("repeats", 5, "timed repetitions per side (median reported)
 flags.DEFINE_integer("calls", 4, "batches per timed repetition")
 flags.DEFINE_integer("warmup", 1, "untimed repetitions per side after compiling")
 flags.DEFINE_float("eps", 0.1, "ball radius (MNIST's)")
-flags.DEFINE_list("torch_layouts", ["nchw"], "PyTorch memory formats: nchw (the baseline of "
-                  "the ratio) and/or channels_last")
+flags.DEFINE_integer("steps", 10, "descent steps of the estimate (the official 10)")
+flags.DEFINE_list("torch_modes", list(bench_util.TORCH_MODES), "PyTorch modes to time (the ratio "
+                  "is against the fastest): " + ", ".join(bench_util.TORCH_MODES))
+flags.register_validator("torch_modes", lambda v: set(v) <= set(bench_util.TORCH_MODES),
+                         "--torch_modes: unknown mode")
+flags.DEFINE_list("torch_layouts", None, "old form of --torch_modes (overrides it): nchw = "
+                  "torch_nchw, channels_last = torch_cl")
+flags.DEFINE_bool("torch_compile_cache", False, "time torch.compile with inductor's usual "
+                  "caches (off: each compiled mode compiles in a fresh, empty cache)")
 flags.DEFINE_bool("torch_recompute_fx", False, "PyTorch evaluates f(x) in every step, as coded")
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants (benchmarks/jax_levers.py)")
-flags.DEFINE_float("peak_tflops", None, "device peak TFLOP/s (float32) for the MFU column")
-flags.DEFINE_bool("torch", True, "time the PyTorch baseline")
+flags.DEFINE_integer("peak_size", 4096, "matrix size of the float32 matmul peak measurement")
+flags.DEFINE_integer("peak_repeats", 3, "timed matmuls of the peak measurement (best reported)")
+flags.DEFINE_float("peak_tflops", None, "nominal device peak TFLOP/s (float32): also print the "
+                   "utilisation of it")
+flags.DEFINE_bool("torch", True, "time the PyTorch baselines")
+flags.DEFINE_bool("json", False, "also print one 'RESULT {json}' line per model and variant")
 
 SHAPE = (28, 28, 1)
 
@@ -77,7 +111,7 @@ def torch_state_dict(arch, params):
     return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
 
 
-def measure(arch):
+def measure(arch, peak):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -113,7 +147,8 @@ def measure(arch):
             start = time.perf_counter()
             lowered = lipschitz_estimate.lower(
                 apply_fn=apply_fn, params=variables, x=x_jax, eps=FLAGS.eps, key=key,
-                direction="descent", unroll=jax_levers.parse(variant).attack_unroll)
+                direction="descent", steps=FLAGS.steps,
+                unroll=jax_levers.parse(variant).attack_unroll)
             return lowered, key, time.perf_counter() - start
 
     # A lever that does not reach this model is dropped from the variant.
@@ -127,44 +162,43 @@ def measure(arch):
         return result[0].as_text()
 
     lower_text = jax_levers.memoised(lower_text)
-    compiled, flops, keys = {}, {}, {}
+    compiled, flops, keys, jax_compile_s = {}, {}, {}, {}
     for variant in variants:
         jax_levers.check_changes(variant, lower_text)  # raises if a lever changed nothing
         lowered, keys[variant], lower_s = (lowerings.pop(frozenset(jax_levers.levers(variant)),
                                                          None) or lower(variant))
         start = time.perf_counter()
         compiled[variant] = lowered.compile()
-        compile_s = lower_s + time.perf_counter() - start
+        jax_compile_s[variant] = lower_s + time.perf_counter() - start
         flops[variant] = bench_util.flops_of(compiled[variant])
-        print(f"{arch:<6} jax {variant:<18} compile {compile_s:6.1f} s, "
+        print(f"{arch:<6} jax {variant:<18} compile {jax_compile_s[variant]:6.1f} s, "
               f"{flops[variant] / 1e9:.2f} GFLOP/batch")
 
-    torch_names = [f"pytorch {layout}" for layout in FLAGS.torch_layouts] if FLAGS.torch else []
-    means = {name: [] for name in torch_names + [f"jax {v}" for v in variants]}
+    modes = bench_util.selected_modes(FLAGS.torch, FLAGS.torch_modes, FLAGS.torch_layouts)
+    means = {name: [] for name in modes + [f"jax {v}" for v in variants]}
 
-    def torch_runner(layout, name):
+    def torch_runner(mode_name):
+        """(run, one_call): `run` times --calls batches in the mode and returns the seconds."""
         import torch
 
         import torch_models
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_models.default_device()
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        mode = torch_models.MODES[mode_name]
         net = torch_models.build(arch)
         net.load_state_dict(torch_state_dict(arch, params))
-        net = net.to(device, memory_format=fmt)
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device).contiguous(
-            memory_format=fmt)
+        net.requires_grad_(not mode.no_weight_grad)  # the estimate needs no weight gradients
+        net, xt = torch_models.prepare(net, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                                       mode, device)
 
-        def run():
-            def go():
-                for _ in range(FLAGS.calls):
-                    total = torch_models.lipschitz(net, xt, FLAGS.eps,
-                                                   recompute_fx=FLAGS.torch_recompute_fx)
-                means[name].append(total.item() / FLAGS.batch)
-                sync()
-            return bench_util.timed(go)
-        return run
+        def go(calls):
+            for _ in range(calls):
+                total = torch_models.lipschitz(net, xt, FLAGS.eps, steps=FLAGS.steps,
+                                               recompute_fx=FLAGS.torch_recompute_fx)
+            means[mode_name].append(total.item() / FLAGS.batch)
+            sync()
+        return (lambda: bench_util.timed(lambda: go(FLAGS.calls))), (lambda: go(1))
 
     def jax_runner(fn, key, name):
         def run():
@@ -176,8 +210,14 @@ def measure(arch):
             return bench_util.timed(go)
         return run
 
-    runners = {name: torch_runner(layout, name)
-               for layout, name in zip(FLAGS.torch_layouts, torch_names)}
+    runners, compile_s = {}, {}
+    if modes:
+        import torch_models
+
+        one_calls = {}
+        for mode in modes:
+            runners[mode], one_calls[mode] = torch_runner(mode)
+        compile_s = torch_models.compile_times(arch, one_calls, FLAGS.torch_compile_cache)
     runners.update({f"jax {v}": jax_runner(compiled[v], keys[v], f"jax {v}") for v in variants})
     for _ in range(FLAGS.warmup):
         for run in runners.values():
@@ -185,16 +225,17 @@ def measure(arch):
     rates = bench_util.alternate(arch, runners, FLAGS.repeats, FLAGS.batch * FLAGS.calls)
     print(f"{arch:<6} mean estimate: " + ", ".join(
         f"{name} {np.mean(m):.4f}" for name, m in means.items()))
-    base = rates[torch_names[0]] if torch_names else 0.0
-    for layout, name in zip(FLAGS.torch_layouts[1:], torch_names[1:]):
-        print(f"{arch:<6} pytorch {layout}: {rates[name]:.1f} img/s, {rates[name] / base:.2f}x "
-              f"the {FLAGS.torch_layouts[0]} baseline")
+    torch_rates = {mode: rates[mode] for mode in modes}
+    analytic = flop_count.lipschitz_flops(flop_count.layer_macs(arch), FLAGS.steps)
     rows = []
     for v in variants:
-        tflops = flops[v] * rates[f"jax {v}"] / FLAGS.batch / 1e12
-        mfu = f", MFU {100 * tflops / FLAGS.peak_tflops:.1f}%" if FLAGS.peak_tflops else ""
-        print(f"{arch:<6} jax {v:<18} {tflops * 1e3:.1f} GFLOP/s{mfu}")
-        rows.append((arch, f"lipschitz_estimate {v}", rates[f"jax {v}"], base))
+        row = bench_util.Row(arch, f"lipschitz_estimate {v}", rates[f"jax {v}"], torch_rates,
+                             analytic, flops[v] / FLAGS.batch, peak)
+        print(row.describe(FLAGS.peak_tflops))
+        rows.append(row)
+        if FLAGS.json:
+            print("RESULT " + json.dumps({**row.result(), "torch_compile_s": compile_s,
+                                          "jax_compile_s": jax_compile_s[v]}))
     sys.stdout.flush()
     return rows
 
@@ -206,12 +247,13 @@ def main(argv):
 
         append_speed_flags()
     bench_util.start_frameworks(torch=FLAGS.torch)
-    print(f"lipschitz (descent, 10 steps of 0.003, eps {FLAGS.eps}), batch {FLAGS.batch}, "
-          f"{FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; " + (
+    print(f"lipschitz (descent, {FLAGS.steps} steps of 0.003, eps {FLAGS.eps}), batch "
+          f"{FLAGS.batch}, {FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; " + (
               f"PyTorch {'recomputes' if FLAGS.torch_recompute_fx else 'computes once'} f(x)"
               if FLAGS.torch else "PyTorch not used"))
     sys.stdout.flush()
-    rows = [row for arch in FLAGS.models for row in measure(arch)]
+    peak = bench_util.print_peak(FLAGS.peak_size, FLAGS.peak_repeats)
+    rows = [row for arch in FLAGS.models for row in measure(arch, peak)]
     print(f"load average after: {bench_util.load_average()}")
     print(bench_util.summary(rows))
 

@@ -4,18 +4,26 @@
               -dense128-relu-dropout(.5)-dense10
   CNN2        lolip `CNN002` = TRADES `SmallCNN`
   WideResNet  TRADES `wideresnet.py` (pre-activation BasicBlocks; depth 6n+4, widen factor)
-  pgd_at_step one adversarial-training step (OFFICIAL_CODE.md 3.4): PGD on mean CE from
+  at_step     one adversarial-training step (OFFICIAL_CODE.md 3.4): PGD on mean CE from
               x + U(-eps, eps) clipped to [0, 1]; sign steps; clip, project, clip; then CE of
               the adversarial batch, backward, optimizer step
   lipschitz   `estimate_local_lip_v2` (OFFICIAL_CODE.md section 5) on one batch
+  MODES       the ways of running them that the benchmarks time (eager or `torch.compile`,
+              NCHW or channels_last, weights' requires_grad on or off in the attack); `prepare`
 Inputs are NCHW in [0, 1] (PyTorch's layout); the JAX side takes the same data as NHWC.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import bench_util
 
 
 class CNN1(nn.Module):
@@ -119,11 +127,29 @@ def pgd(model, x, y, eps, step_size, steps):
     return x_adv.detach()
 
 
-def at_step(model, optimizer, x, y, eps, step_size, steps, attack_train_mode=False):
-    """One AT step: PGD (eval mode unless `attack_train_mode`), then SGD on CE(f(x_adv)) in
-    train mode. Returns the loss tensor (not synchronised)."""
+@contextlib.contextmanager
+def weights_frozen(model, frozen=True):
+    """Inside the block (if `frozen`), the weights' requires_grad is off: only the input's
+    gradient is built, as an attack needs (eager autograd prunes the weight gradients anyway;
+    a compiled forward/backward computes them unless they are off)."""
+    params = [p for p in model.parameters() if p.requires_grad] if frozen else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def at_step(model, optimizer, x, y, eps, step_size, steps, attack_train_mode=False,
+            freeze_weights=False):
+    """One AT step: PGD (eval mode unless `attack_train_mode`; the weights' requires_grad off
+    if `freeze_weights`), then SGD on CE(f(x_adv)) in train mode. Returns the loss tensor (not
+    synchronised)."""
     model.train(attack_train_mode)
-    x_adv = pgd(model, x, y, eps, step_size, steps)
+    with weights_frozen(model, freeze_weights):
+        x_adv = pgd(model, x, y, eps, step_size, steps)
     model.train()
     loss = F.cross_entropy(model(x_adv), y)
     optimizer.zero_grad(set_to_none=True)
@@ -158,3 +184,72 @@ def lipschitz(model, x, eps, step_size=0.003, steps=10, recompute_fx=False):
         x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
     with torch.no_grad():
         return local_lip(model, x, x_adv, fx).sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How a benchmark runs the PyTorch baseline."""
+
+    channels_last: bool = False  # memory format of the net and the input
+    compile: bool = False  # torch.compile(model), default mode
+    no_weight_grad: bool = False  # weights' requires_grad off in the attack (AT) / always (lip.)
+
+
+MODES = {
+    "torch_nchw": Mode(),  # the official code's: eager, NCHW
+    "torch_cl": Mode(channels_last=True),
+    "torch_nograd": Mode(no_weight_grad=True),
+    "torch_compile": Mode(compile=True),
+    "torch_compile_nograd": Mode(compile=True, no_weight_grad=True),
+}
+assert tuple(MODES) == bench_util.TORCH_MODES
+
+
+def prepare(model, x, mode: Mode, device):
+    """(model, x) on `device` in the mode's memory format, the model compiled if the mode says
+    (its parameters are the net's: build the optimizer on them after this)."""
+    fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    x = x.to(device).contiguous(memory_format=fmt)
+    return (torch.compile(model) if mode.compile else model), x
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compile_start_up() -> float:
+    """Seconds to compile and run a trivial function and its gradient: torch.compile's one-time
+    start-up in a process (imports, compiler checks), paid before the modes are timed."""
+    def call():
+        x = torch.ones(8, device=default_device(), requires_grad=True)
+        torch.compile(lambda t: torch.relu(t) + 1)(x).sum().backward()
+
+    with torch._inductor.utils.fresh_cache():
+        return bench_util.timed(call)
+
+
+def compile_times(model_name, first_calls, cache=False):
+    """{mode: compile seconds} from `first_calls` {mode: one call of the benchmark in that mode}:
+    each mode's first two calls are timed (bench_util.first_calls); a compiled mode's after
+    torch.compile's start-up (`compile_start_up`), dynamo's graphs dropped (dynamo shares them
+    between instances of a class) and, unless `cache`, in a fresh, empty inductor cache. Then
+    every compiled mode but the last is called once more, to compile again what the later
+    resets dropped. Prints a line per mode."""
+    seconds, compiled = {}, []
+    if any(MODES[mode].compile for mode in first_calls):
+        print(f"{model_name:<6} torch.compile start-up {compile_start_up():.1f} s")
+    for mode, call in first_calls.items():
+        fresh = contextlib.nullcontext()
+        if MODES[mode].compile:
+            torch._dynamo.reset()
+            compiled.append(call)
+            fresh = contextlib.nullcontext() if cache else torch._inductor.utils.fresh_cache()
+        with fresh:
+            seconds[mode], calls = bench_util.first_calls(call)
+        print(f"{model_name:<6} {mode:<22} first calls " + ", ".join(f"{t:.2f}" for t in calls)
+              + f" s: compile {seconds[mode]:.1f} s")
+        sys.stdout.flush()
+    for call in compiled[:-1]:
+        call()
+    return seconds
