@@ -3,7 +3,9 @@
     python experiments/run.py --method=rst --lam=2
     python experiments/run.py --method=trades --beta=6 --dataset=fashion_mnist --arch=cnn2
 
-Re-running with the same --workdir resumes from its newest checkpoint.
+Re-running with the same --workdir resumes from its newest checkpoint. Several processes (one
+per host) form one run with --coordinator_address/--num_processes/--process_id or
+--distributed (README, "Many hosts"); experiments/launch_local.py starts them on one machine.
 """
 
 from __future__ import annotations
