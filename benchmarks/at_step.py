@@ -93,16 +93,7 @@ flags.DEFINE_enum("pool_ties", "split", ["split", "first"], "the CNNs' max-pool 
                   "lever changes nothing and the self-check refuses it")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants to time (benchmarks/jax_levers.py)")
 flags.DEFINE_bool("torch", True, "time the PyTorch baselines")
-flags.DEFINE_list("torch_modes", list(bench_util.TORCH_MODES), "PyTorch modes to time (the ratio "
-                  "is against the fastest): " + ", ".join(bench_util.TORCH_MODES))
-flags.register_validator("torch_modes", lambda v: set(v) <= set(bench_util.TORCH_MODES),
-                         "--torch_modes: unknown mode")
-flags.DEFINE_list("torch_layouts", None, "old form of --torch_modes (overrides it): nchw = "
-                  "torch_nchw, channels_last = torch_cl")
-flags.DEFINE_bool("torch_compile_cache", False, "time torch.compile with inductor's usual "
-                  "caches (off: each compiled mode compiles in a fresh, empty cache)")
-flags.DEFINE_integer("peak_size", 4096, "matrix size of the float32 matmul peak measurement")
-flags.DEFINE_integer("peak_repeats", 3, "timed matmuls of the peak measurement (best reported)")
+bench_util.define_torch_and_peak_flags()
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_string("xla_flags", "", "extra XLA flags, appended to XLA_FLAGS")
 flags.DEFINE_float("peak_tflops", None, "nominal device peak TFLOP/s (float32): also print the "

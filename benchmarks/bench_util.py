@@ -232,3 +232,21 @@ def summary(rows: list[Row]) -> str:
                   row.achieved(best_rate) if row.torch else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def define_torch_and_peak_flags() -> None:
+    """The flags at_step.py and lipschitz.py share: PyTorch modes, compile cache, matmul peak."""
+    from absl import flags
+
+    flags.DEFINE_list("torch_modes", list(TORCH_MODES), "PyTorch modes to time (the ratio is "
+                      "against the fastest): " + ", ".join(TORCH_MODES))
+    flags.register_validator("torch_modes", lambda v: set(v) <= set(TORCH_MODES),
+                             "--torch_modes: unknown mode")
+    flags.DEFINE_list("torch_layouts", None, "old form of --torch_modes (overrides it): nchw = "
+                      "torch_nchw, channels_last = torch_cl")
+    flags.DEFINE_bool("torch_compile_cache", False, "time torch.compile with inductor's usual "
+                      "caches (off: each compiled mode compiles in a fresh, empty cache)")
+    flags.DEFINE_integer("peak_size", 4096, "matrix size of the float32 matmul peak "
+                         "measurement")
+    flags.DEFINE_integer("peak_repeats", 3, "timed matmuls of the peak measurement (best "
+                         "reported)")

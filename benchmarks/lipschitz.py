@@ -63,19 +63,10 @@ flags.DEFINE_integer("calls", 4, "batches per timed repetition")
 flags.DEFINE_integer("warmup", 1, "untimed repetitions per side after compiling")
 flags.DEFINE_float("eps", 0.1, "ball radius (MNIST's)")
 flags.DEFINE_integer("steps", 10, "descent steps of the estimate (the official 10)")
-flags.DEFINE_list("torch_modes", list(bench_util.TORCH_MODES), "PyTorch modes to time (the ratio "
-                  "is against the fastest): " + ", ".join(bench_util.TORCH_MODES))
-flags.register_validator("torch_modes", lambda v: set(v) <= set(bench_util.TORCH_MODES),
-                         "--torch_modes: unknown mode")
-flags.DEFINE_list("torch_layouts", None, "old form of --torch_modes (overrides it): nchw = "
-                  "torch_nchw, channels_last = torch_cl")
-flags.DEFINE_bool("torch_compile_cache", False, "time torch.compile with inductor's usual "
-                  "caches (off: each compiled mode compiles in a fresh, empty cache)")
+bench_util.define_torch_and_peak_flags()
 flags.DEFINE_bool("torch_recompute_fx", False, "PyTorch evaluates f(x) in every step, as coded")
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_list("jax_variants", ["base"], "JAX variants (benchmarks/jax_levers.py)")
-flags.DEFINE_integer("peak_size", 4096, "matrix size of the float32 matmul peak measurement")
-flags.DEFINE_integer("peak_repeats", 3, "timed matmuls of the peak measurement (best reported)")
 flags.DEFINE_float("peak_tflops", None, "nominal device peak TFLOP/s (float32): also print the "
                    "utilisation of it")
 flags.DEFINE_bool("torch", True, "time the PyTorch baselines")
