@@ -114,19 +114,6 @@ RESULT_KEYS = ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc", "train_
                "test_lipschitz", "test_lipschitz_ascent", "steps")
 
 
-@pytest.mark.slow
-def test_two_devices_give_the_one_device_results(tmp_path):
-    one = train.train_and_evaluate(SMALL, str(tmp_path / "one"), log=lambda _: None,
-                                   mesh=pipeline.make_mesh(jax.devices()[:1]))
-    two = train.train_and_evaluate(SMALL, str(tmp_path / "two"), log=lambda _: None)
-    assert one["num_devices"] == 1 and two["num_devices"] == 2
-    # The gradient all-reduce sums in another order, so the parameters differ in the last
-    # bits; accuracies agree, and the sign-step lipschitz searches to within a few percent.
-    for k in RESULT_KEYS:
-        rel = 5e-2 if "lipschitz" in k else 1e-6
-        assert two[k] == pytest.approx(one[k], rel=rel), k
-
-
 def _epochs(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
