@@ -7,7 +7,6 @@ Every run here is a subprocess: 2 processes x 2 CPU devices through experiments/
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import time
 import numpy as np
 import pytest
 from test_reliability import _flip_bytes_of_largest_file
+
+from experiments.launch_local import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK = os.path.join(ROOT, "tests", "mock_tfds.py")
@@ -126,12 +127,6 @@ def test_batchnorm_network_over_two_processes_equals_one_process(tmp_path):
     assert two["examples"] == {"train": 16, "test": 20}  # 20 points in batches of 16
     assert_same_numbers(two, four)
     assert_same_numbers(two, one)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
