@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,21 +24,13 @@ import time
 from absl import flags
 
 from experiments import cli
+from jax_robust.distributed import free_port
 from jax_robust.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_processes", 2, "processes to start")
-flags.DEFINE_integer("port", 0, "coordinator port (0: a free one)")
-flags.DEFINE_float("grace", 90.0, "seconds the other processes get to exit after one fails")
 
 BINARIES = ("run", "sweep", "separation")
 NOISE = ("[Gloo] Rank ",)  # connection chatter of the gloo collectives
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def command(binary: str, args: list[str], port: int, n: int, i: int) -> list[str]:
@@ -125,7 +116,16 @@ def main(argv):
     sys.exit(code)
 
 
+def define_flags() -> None:
+    """The launcher's own flags; defined only when it runs, because its --num_processes is
+    the binaries' flag of the same name (importing this module must not claim it)."""
+    flags.DEFINE_integer("num_processes", 2, "processes to start")
+    flags.DEFINE_integer("port", 0, "coordinator port (0: a free one)")
+    flags.DEFINE_float("grace", 90.0, "seconds the other processes get to exit after one fails")
+
+
 def entry() -> None:
+    define_flags()
     cli.run_main(main, before_jax=lambda: None)
 
 

@@ -22,6 +22,7 @@ every process resumes from the last complete one.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -109,6 +110,13 @@ def _watch_peers(timeout: float) -> None:
                 sys.stderr.flush()
                 os._exit(PEER_LOST_EXIT_CODE)
         time.sleep(1.0)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago (for a local coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def is_primary() -> bool:

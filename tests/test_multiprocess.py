@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_reliability import _flip_bytes_of_largest_file
 
-from experiments.launch_local import free_port
+from jax_robust.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK = os.path.join(ROOT, "tests", "mock_tfds.py")
