@@ -140,11 +140,12 @@ def print_peak(size: int, repeats: int) -> float:
     return peak
 
 
-def flops_of(compiled) -> float:
-    """FLOPs of one call of a compiled JAX function (XLA's cost analysis; 0 if unknown)."""
+def flops_of(compiled, devices: int = 1) -> float:
+    """FLOPs of one call of a compiled JAX function (XLA's cost analysis; 0 if unknown).
+    The analysis of a program partitioned over `devices` counts one device's share."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
+    return float((cost or {}).get("flops", 0.0)) * devices
 
 
 # The PyTorch modes the benchmarks can time: the keys of torch_models.MODES (which imports torch).
