@@ -22,7 +22,8 @@ import time
 from absl import flags
 
 from experiments import cli
-from jax_robust.files import ensure_writable_dir, write_json_atomic
+from jax_robust.files import (ensure_writable_dir, save_arrays_atomic, save_figure_atomic,
+                              write_json_atomic)
 from jax_robust.speed_flags import append_speed_flags, one_host_device_per_core
 
 FLAGS = flags.FLAGS
@@ -49,20 +50,6 @@ PAPER = {  # PAPER.md, Table 1: min Train-Train, min Test-Train
 }
 
 
-def save_figure_atomic(fig, path: str) -> None:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
-def save_arrays_atomic(path: str, **arrays) -> None:
-    import numpy as np
-
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def plot_histograms(tt_px, te_px, eps, dataset, path) -> None:
     """20 bins on [0, 1], weights 1/n (the official notebook), dashed lines at min and 2 eps."""
     import matplotlib
@@ -81,7 +68,7 @@ def plot_histograms(tt_px, te_px, eps, dataset, path) -> None:
         ax.set_xlim(0, 1)
         ax.legend(loc="upper left", fontsize=8)
     axes[0].set_ylabel("fraction of points")
-    save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -124,7 +111,7 @@ def plot_closest_pairs(rows, image_shape, class_names, path) -> None:
         axes[2 * r + 1, 0].set_ylabel("nearest other\nlabel (train)", fontsize=8)
     fig.suptitle("Closest opposite-label pairs (l_inf distance in pixel units)", fontsize=10)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import BinaryIO, Callable
 
 from jax_robust.errors import UserError
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` so that readers see the old file or the whole new one."""
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Calls write(f) on a temporary binary file beside `path`, fsyncs it and renames it to
+    `path`: readers see the old file or the whole new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -24,6 +26,22 @@ def write_text_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_figure_atomic(fig, path: str, **savefig_kwargs) -> None:
+    """A matplotlib figure to `path` (PNG), atomically."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png", **savefig_kwargs))
+
+
+def save_arrays_atomic(path: str, **arrays) -> None:
+    """NumPy arrays to an .npz file at `path`, atomically."""
+    import numpy as np
+
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from jax_robust import methods, recipes
 from jax_robust.errors import UserError
-from jax_robust.files import write_text_atomic
+from jax_robust.files import save_figure_atomic, write_text_atomic
 
 COLUMNS = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "adv_gap",
            "test_lipschitz_ascent")
@@ -273,10 +273,8 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> None:

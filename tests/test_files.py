@@ -1,0 +1,46 @@
+"""Atomic writes (jax_robust/files.py): the whole new file or the old one, never a part."""
+
+import os
+
+import numpy as np
+import pytest
+
+from jax_robust import files
+
+
+def test_arrays_and_text_round_trip(tmp_path):
+    path = str(tmp_path / "a.npz")
+    files.save_arrays_atomic(path, d=np.arange(5.0), i=np.array([3, 1]))
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["d"], np.arange(5.0))
+        np.testing.assert_array_equal(z["i"], [3, 1])
+    files.write_text_atomic(str(tmp_path / "t.md"), "| a |\n")
+    assert open(tmp_path / "t.md").read() == "| a |\n"
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "t.md"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "results.json")
+    files.write_text_atomic(path, "old")
+
+    def half_then_fail(f):
+        f.write(b"new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.write_atomic(path, half_then_fail)
+    assert open(path).read() == "old"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_figure_is_written_as_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    files.save_figure_atomic(fig, str(tmp_path / "p.png"), dpi=50)
+    plt.close(fig)
+    assert open(tmp_path / "p.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
