@@ -4,6 +4,8 @@
     python benchmarks/at_step.py --models=cnn1,cnn2 --jax_variants=base,xlapool+xlaconv+biasfirst
     python benchmarks/at_step.py --models=cnn1 --torch_modes=torch_nchw,torch_compile_nograd
     python benchmarks/at_step.py --models=wrn --wrn_depth=40 --wrn_width=10 --peak_tflops=495
+    python benchmarks/at_step.py --models=wrn --wrn_depth=40 --wrn_width=10 --dtype=bfloat16 \
+        --peak_tflops=989    # GPU (H100/H200 SXM), bf16; benchmarks/gpu.sh runs both dtypes
     python benchmarks/at_step.py --ablation --models=cnn1,cnn2     # the CPU levers, one table
     python benchmarks/at_step.py --ablation --models=wrn --steps=1 --repeats=3   # flaxbn
     python benchmarks/at_step.py --models=cnn1 --repeats=1 --steps=1 --warmup=0 --pgd_steps=2 \
@@ -25,7 +27,10 @@ the modes of --torch_modes (default: all; torch_models.MODES):
 Modes match on both sides: --variant=paper (default) attacks in eval mode on both, --variant=
 official in train mode on both (dropout masks, BatchNorm batch statistics); the update is in
 train mode on both. Random data (MNIST-shaped 28x28x1 for the CNNs, eps 0.1; CIFAR-shaped
-32x32x3 for the WRN, eps 8/255).
+32x32x3 for the WRN, eps 8/255). --dtype=bfloat16: JAX builds the model with dtype=bfloat16
+(inputs, weights and activations cast to bf16, float32 logits, float32 parameters); PyTorch
+runs every forward pass (attack and update, every mode) under torch.autocast(bfloat16), the
+weights float32, through a wrapper module that is compiled with the net in the compiled modes.
 
 Timing: JAX's compile is timed apart (lower + compile); each PyTorch mode's first two steps
 are timed and the compile time is the first's excess over the second (the compiled modes after
@@ -47,7 +52,8 @@ The peak is measured in the same run: the best GFLOP/s of a float32 --peak_size^
 (NumPy, JAX, PyTorch; bench_util.matmul_peak). Printed for JAX and the best PyTorch mode:
 achieved GFLOP/s = analytic FLOPs x images/s, and its % of the measured peak (with
 --peak_tflops, also of that nominal peak: e.g. 495 for an H100 SXM's dense TF32, which JAX's
-default float32 precision uses for convolutions and matmuls there).
+default float32 precision uses for convolutions and matmuls there; with --dtype=bfloat16 pass
+the dense bf16 peak, 989 on an H100/H200 SXM; the measured peak stays float32's).
 
 Device-agnostic: JAX runs on its default backend, PyTorch on CUDA when available (synchronised
 before the clock stops). --ablation runs this script in subprocesses, one per XLA flag setting
@@ -55,16 +61,17 @@ before the clock stops). --ablation runs this script in subprocesses, one per XL
 per-lever table against the best PyTorch mode of each subprocess (CPU only: the flags are
 XLA:CPU's).
 
-Output: one line per measurement, then a markdown table: model, JAX variant, JAX img/s, the
+Output: one line per measurement, then a markdown table: model, JAX variant (dtype), JAX img/s, the
 img/s of every PyTorch mode, the best mode, ratio JAX / best mode, MFLOP/img analytic (XLA),
 and the achieved GFLOP/s (% of the measured peak) of JAX and of the best mode. With --json, a
-'RESULT {json}' line per model and variant: jax, torch (the best mode's img/s), best_torch,
+'RESULT {json}' line per model and variant: dtype, jax, torch (the best mode's img/s), best_torch,
 ratio, torch_modes (img/s by mode), torch_compile_s, jax_compile_s, flops_analytic, flops_xla
 (per image), peak_gflops, jax_gflops, best_torch_gflops, xla_flags, speed_flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,6 +95,9 @@ flags.DEFINE_integer("wrn_width", 4, "WideResNet widen factor (the paper's: 10)"
 flags.DEFINE_enum("variant", "paper", ["paper", "official"],
                   "attack in eval mode (paper) or train mode (official), on both sides")
 flags.DEFINE_float("lr", 0.01, "SGD learning rate")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype: JAX's "
+                  "models.build_model(dtype=...); PyTorch's forward passes under torch.autocast "
+                  "(parameters float32 on both sides)")
 flags.DEFINE_enum("pool_ties", "split", ["split", "first"], "the CNNs' max-pool tie rule "
                   "(models.build_model); with 'first' the pool has one form, so the xlapool "
                   "lever changes nothing and the self-check refuses it")
@@ -96,8 +106,8 @@ flags.DEFINE_bool("torch", True, "time the PyTorch baselines")
 bench_util.define_torch_and_peak_flags()
 flags.DEFINE_bool("speed_flags", True, "append the project's CPU XLA flags (speed_flags.py)")
 flags.DEFINE_string("xla_flags", "", "extra XLA flags, appended to XLA_FLAGS")
-flags.DEFINE_float("peak_tflops", None, "nominal device peak TFLOP/s (float32): also print the "
-                   "utilisation of it")
+flags.DEFINE_float("peak_tflops", None, "nominal device peak TFLOP/s (of --dtype: dense TF32 "
+                   "or bf16): also print the utilisation of it")
 flags.DEFINE_bool("ablation", False, "run the per-lever ablation (subprocesses)")
 flags.DEFINE_list("ablation_flags", [
     "none",  # XLA's defaults: no XLA flags at all (YNNPACK takes the convolutions)
@@ -148,7 +158,7 @@ def build_step(arch, variant, x, y):
     with jax_levers.prng(variant):
         module = models.build_model(arch, 10, SHAPES[arch], dropout=recipes.ARCH_DROPOUT[arch],
                                     wrn_depth=FLAGS.wrn_depth, wrn_width=FLAGS.wrn_width,
-                                    speed=speed, pool_ties=FLAGS.pool_ties)
+                                    dtype=FLAGS.dtype, speed=speed, pool_ties=FLAGS.pool_ties)
         # The same initial parameters for every variant, whatever its PRNG implementation.
         params, model_state = models.init_model(
             module, jax.random.key(0, impl="threefry2x32"), SHAPES[arch])
@@ -190,6 +200,26 @@ def jax_runner(built, steps):
     return run, compile_s, bench_util.flops_of(compiled, jax.device_count())
 
 
+def autocast_wrapper(net, device):
+    """`net` whose forward runs under torch.autocast(bfloat16) and returns float32 logits, as
+    the JAX model does: every forward pass of the attack and the update, the backward passes
+    outside autocast (PyTorch's recipe); the weights stay float32. `prepare` compiles the
+    wrapper in the compiled modes, so autocast is inside the compiled graph."""
+    import torch
+
+    class Autocast(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                out = self.inner(x)
+            return out.float()
+
+    return Autocast(net)
+
+
 def torch_runner(arch, x, y, steps, mode_name):
     """(run, one_step): `run` times `steps` PyTorch AT steps in mode `mode_name` (bench_util.
     TORCH_MODES; on CUDA when available) and returns the seconds; `one_step` makes one step."""
@@ -200,8 +230,10 @@ def torch_runner(arch, x, y, steps, mode_name):
     device = torch_models.default_device()
     mode = torch_models.MODES[mode_name]
     torch.manual_seed(0)
-    model, xt = torch_models.prepare(torch_models.build(arch, FLAGS.wrn_depth, FLAGS.wrn_width),
-                                     torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), mode,
+    net = torch_models.build(arch, FLAGS.wrn_depth, FLAGS.wrn_width)
+    if FLAGS.dtype == "bfloat16":
+        net = autocast_wrapper(net, device)
+    model, xt = torch_models.prepare(net, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), mode,
                                      device)
     optimizer = torch.optim.SGD(model.parameters(), lr=FLAGS.lr, momentum=0.9)
     yt = torch.from_numpy(y.astype("int64")).to(device)
@@ -272,7 +304,7 @@ def measure(arch, peak):
         rows.append(row)
         if FLAGS.json:
             print("RESULT " + json.dumps({
-                **row.result(), "torch_compile_s": compile_s,
+                **row.result(), "dtype": FLAGS.dtype, "torch_compile_s": compile_s,
                 "jax_compile_s": jax_compile_s[variant], "xla_flags": FLAGS.xla_flags,
                 "speed_flags": FLAGS.speed_flags}))
     sys.stdout.flush()
@@ -285,6 +317,7 @@ def ablation():
             f"--models={','.join(FLAGS.models)}", f"--batch={FLAGS.batch}",
             f"--repeats={FLAGS.repeats}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
             f"--pgd_steps={FLAGS.pgd_steps}", f"--variant={FLAGS.variant}",
+            f"--dtype={FLAGS.dtype}",
             f"--wrn_depth={FLAGS.wrn_depth}", f"--wrn_width={FLAGS.wrn_width}",
             "--torch" if FLAGS.torch else "--notorch",
             "--torch_modes=" + ",".join(bench_util.selected_modes(True, FLAGS.torch_modes,
@@ -334,14 +367,18 @@ def main(argv):
     bench_util.start_frameworks(torch=FLAGS.torch)
     print(f"AT step: PGD-{FLAGS.pgd_steps} ({FLAGS.variant} modes) + SGD-momentum, batch "
           f"{FLAGS.batch}, {FLAGS.steps} steps per repetition, {FLAGS.repeats} repetitions; "
-          f"wrn = WRN-{FLAGS.wrn_depth}-{FLAGS.wrn_width}")
+          f"wrn = WRN-{FLAGS.wrn_depth}-{FLAGS.wrn_width}; dtype {FLAGS.dtype} (JAX compute "
+          f"dtype; PyTorch " + ("autocast bf16" if FLAGS.dtype == "bfloat16" else "float32")
+          + ")")
     sys.stdout.flush()
     peak = bench_util.print_peak(FLAGS.peak_size, FLAGS.peak_repeats)
     rows = []
     for arch in FLAGS.models:
         rows += measure(arch, peak)
     print(f"load average after: {bench_util.load_average()}")
-    print(bench_util.summary(rows))
+    # The dtype in the table's JAX column ("base (bfloat16)"); the RESULT lines keep the variant.
+    print(bench_util.summary([dataclasses.replace(row, what=f"{row.what} ({FLAGS.dtype})")
+                              for row in rows]))
 
 
 if __name__ == "__main__":
