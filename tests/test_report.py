@@ -12,6 +12,7 @@ from jax_robust import config as cfglib
 from jax_robust import recipes, report
 from jax_robust.errors import UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = report.COLUMNS + ("adv_train_acc", "train_lipschitz", "train_seconds")
 
 
@@ -68,3 +69,21 @@ def test_mixed_data_sets_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "c" / "results.json").write_text('{"accuracy": 1}')
     with pytest.raises(UserError, match="not a results file of this project"):
         report.load_runs(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist"])
+def test_readme_tables_are_the_reports_of_the_committed_runs(name):
+    # The README's result tables and docs/results_<name>/table.md must be what the report
+    # computes now from the committed results.json / metrics.jsonl (no hand edits, no stale
+    # table after more runs landed).
+    root = os.path.join(ROOT, "docs", f"results_{name}")
+    if not os.path.isdir(root):
+        pytest.skip(f"no {root}")
+    cells = report.cells_of(report.load_runs(root))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = report.markdown_table(cells)
+    assert table in readme, f"README's {name} table differs from report.py's"
+    attacks = report.attack_table(cells)
+    if attacks:
+        assert attacks in readme, f"README's {name} attack table differs from report.py's"
+    assert table in open(os.path.join(root, "table.md")).read()
