@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
 
 from jax_robust.errors import UserError
 
@@ -57,3 +63,31 @@ def ensure_writable_dir(path: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"workdir {path} is not writable: {e.strerror}") from None
+
+
+LOCK_NAME = ".run.lock"
+
+
+@contextlib.contextmanager
+def exclusive_dir(path: str) -> Iterator[None]:
+    """Holds an exclusive lock on run directory `path` (its file .run.lock, with this pid)
+    while the block runs; UserError at once if another process holds it. The OS releases the
+    lock when the process ends, however it ends, so a killed run leaves no stale lock."""
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, LOCK_NAME), "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise UserError(f"{path} is in use by another run (pid {holder}); wait for it "
+                                f"to end or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock

@@ -7,6 +7,7 @@ It resolves the config once (recipes.resolve), builds the model, objective and s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ from jax_robust import data as datalib
 from jax_robust import methods, models, recipes
 from jax_robust.errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from jax_robust.evaluation import evaluate, make_eval_step
-from jax_robust.files import write_json_atomic, write_text_atomic
+from jax_robust.files import exclusive_dir, write_json_atomic, write_text_atomic
 from jax_robust.objectives import ObjectiveParams
 from jax_robust.robustness import evaluate_robustness
 from jax_robust.pipeline import TrainBatches, check_batch_size, make_mesh, replicate, shard_batch
@@ -243,7 +244,19 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
     `cfg` may leave settings None (the official ones are filled in by recipes.resolve).
     `should_stop` is polled after every step: when true, a checkpoint is saved and
     `Interrupted` raised. `dataset` and `mesh` (default: all devices) override the config's.
+    A second run in the same `workdir` while this one runs is refused (UserError): two
+    writers would interleave one directory's checkpoints. (Over several processes the lock
+    is process 0's; the others write checkpoint shards only with it.)
     """
+    lock = (exclusive_dir(workdir) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _train_and_evaluate(cfg, workdir, log=log, should_stop=should_stop,
+                                   eval_only=eval_only, dataset=dataset, mesh=mesh)
+
+
+def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop, eval_only,
+                        dataset, mesh) -> dict:
     cfg = recipes.resolve(cfg, jax.default_backend())
     chex.clear_trace_counter()  # each step below may be traced once in this run
     mesh = make_mesh() if mesh is None else mesh

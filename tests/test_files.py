@@ -44,3 +44,31 @@ def test_a_figure_is_written_as_png(tmp_path):
     files.save_figure_atomic(fig, str(tmp_path / "p.png"), dpi=50)
     plt.close(fig)
     assert open(tmp_path / "p.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_directory_is_refused_while_another_process_holds_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jax_robust.errors import UserError
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from jax_robust import files\n"
+        "with files.exclusive_dir(sys.argv[1]):\n"
+        "    print('held', flush=True); time.sleep(60)"), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {holder.pid}\)"):
+            with files.exclusive_dir(str(tmp_path)):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed, it leaves no stale lock; and the same process may take the lock again.
+    for _ in range(2):
+        with files.exclusive_dir(str(tmp_path)):
+            time.sleep(0)
+    assert open(tmp_path / files.LOCK_NAME).read().strip() == str(os.getpid())
