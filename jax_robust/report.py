@@ -277,6 +277,47 @@ def _save(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
+def _place_labels(fig, ax, labels) -> None:
+    """Annotates each point (text, x, y, prefer_left) at the first of twelve offsets whose text
+    box overlaps no label placed before it and no marker (else the least-overlapping one);
+    the far offsets get a leader line to their point."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.transforms import Bbox
+
+    def marker_box(x, y):  # the marker's box in display units, with a margin
+        px, py = ax.transData.transform((x, y))
+        return Bbox([[px - 7, py - 7], [px + 7, py + 7]])
+
+    markers = [marker_box(x, y) for _, x, y, _ in labels]
+    placed = []
+    for text, x, y, left in labels:
+        right = [(6, 3), (6, -9)]
+        leftside = [(-dx, dy) for dx, dy in right]
+        near = (leftside + right) if left else (right + leftside)
+        far = [(sx * 22, sy) for sy in (16, -22, 28, -34) for sx in ((-1, 1) if left else (1, -1))]
+        best = None
+        for dx, dy in near + far:  # far ones get a leader line to their point
+            arrow = (dict(arrowstyle="-", lw=0.5, color="0.4", shrinkA=0, shrinkB=3)
+                     if abs(dx) > 6 else None)
+            ann = ax.annotate(text, (x, y), fontsize=6.5, xytext=(dx, dy),
+                              textcoords="offset points", ha="left" if dx > 0 else "right",
+                              arrowprops=arrow)
+            box = ann.get_window_extent(renderer)
+            overlap = sum(max(0, min(box.x1, b.x1) - max(box.x0, b.x0))
+                          * max(0, min(box.y1, b.y1) - max(box.y0, b.y0))
+                          for b in placed + markers)
+            if best is None or overlap < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (overlap, ann, box)
+            else:
+                ann.remove()
+            if overlap == 0:
+                break
+        placed.append(best[2])
+
+
 def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> None:
     """Adv test acc against test lipschitz, one labelled point per cell, error bars (std over
     seeds) on both axes; left panel the official (descent) estimator, right the ascent one.
@@ -287,16 +328,15 @@ def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> No
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, key, name in ((axes[0], "test_lipschitz", "official estimator (descent)"),
                           (axes[1], "test_lipschitz_ascent", "ascent (maximum search)")):
+        labels = []
         for cell in cells:
             (x, xs), (y, ys) = cell.mean_std(key), cell.mean_std("adv_test_acc")
             color = _color(cell.method)
             ax.errorbar(x, y, xerr=xs or None, yerr=ys or None, color=color,
                         marker="o" if cell.variant == "official" else "s", ms=6, capsize=2,
                         mfc=color if cell.official_dropout else "white", ls="")
-            left = cell.variant != "official"
-            ax.annotate(cell.label.replace(" +dropout ", "+d"), (x, y), fontsize=6.5,
-                        xytext=(-6 if left else 6, 3), textcoords="offset points",
-                        ha="right" if left else "left")
+            labels.append((cell.label.replace(" +dropout ", "+d"), x, y,
+                           cell.variant != "official"))
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -306,6 +346,7 @@ def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> No
             ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel(f"test lipschitz, {name} (log scale)")
         ax.grid(alpha=0.3, which="both")
+        _place_labels(fig, ax, labels)
     axes[0].set_ylabel("adv test acc (%)")
     fig.suptitle(f"Local Lipschitzness vs. robustness: {title}\n"
                  "circle official, square paper variant; bars: std over seeds", fontsize=10)
@@ -387,7 +428,8 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
             epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
             mean = np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
             ax.plot(epochs, mean, color=shade[id(cell)], lw=1,
-                    ls="-" if cell.variant == "official" else "--",
+                    ls=("-" if cell.variant == "official" else "--") if cell.official_dropout
+                    else ":",
                     label=f"{cell.label} {cell.variant}")
         ax.set_xlabel("epoch")
         ax.set_title(name, fontsize=9)
@@ -395,8 +437,8 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Learning curves (mean over seeds; dashed: paper variant): {title}",
-                 fontsize=10)
+    fig.suptitle(f"Learning curves (mean over seeds; dashed: paper variant, dotted: another "
+                 f"dropout than the arch's): {title}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return True
