@@ -415,6 +415,7 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
             ("test_subset_acc", "test acc, subset (%)", False),
             ("adv_test_subset_acc", "PGD test acc, subset (%)", False))
     from matplotlib.colors import to_rgb
+    from matplotlib.ticker import MaxNLocator
 
     shade, seen = {}, {}
     for cell in with_curves:  # the k-th cell of a method: its colour mixed with white
@@ -427,11 +428,13 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
             n = min(len(r.curve) for r in cell.runs)
             epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
             mean = np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
-            ax.plot(epochs, mean, color=shade[id(cell)], lw=1,
+            ax.plot(epochs, mean, color=shade[id(cell)], lw=1, ms=3,
+                    marker="o" if n <= 10 else None,
                     ls=("-" if cell.variant == "official" else "--") if cell.official_dropout
                     else ":",
                     label=f"{cell.label} {cell.variant}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         if log:
             ax.set_yscale("log")
