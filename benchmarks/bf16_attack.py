@@ -56,14 +56,9 @@ def main(argv):
         applies[dtype] = train.inference_apply(models.make_model_fn(module))
     f32 = applies["float32"]
 
-    def make_pgd(apply):
-        def pgd(variables, x, y, key):
-            def loss(z):
-                logits = apply(variables, z)
-                return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
-            return attacks.pgd_attack(loss, x, key, eps=eps, steps=a.steps,
-                                      step_size=a.step_size)
-        return jax.jit(pgd)
+    def make_pgd(apply):  # the evaluation's PGD (attacks.pgd_restarts, one start)
+        return jax.jit(lambda v, x, y, key: attacks.pgd_restarts(
+            lambda z: apply(v, z), x, y, key, eps=eps, steps=a.steps, step_size=a.step_size))
 
     pgds = {d: make_pgd(f) for d, f in applies.items()}
     acc = jax.jit(lambda v, z, y: jnp.mean(jnp.argmax(f32(v, z), -1) == y) * 100)
