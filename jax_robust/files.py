@@ -58,8 +58,9 @@ def ensure_writable_dir(path: str) -> None:
     """Makes directory `path` and probes it with a file; UserError if it cannot be written."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        open(probe, "w").close()
+        # A probe name of its own: processes of one run probe the same directory at once.
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise UserError(f"workdir {path} is not writable: {e.strerror}") from None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jax_robust import files
+from jax_robust.errors import UserError
 
 
 def test_arrays_and_text_round_trip(tmp_path):
@@ -72,3 +73,28 @@ def test_a_run_directory_is_refused_while_another_process_holds_it(tmp_path):
         with files.exclusive_dir(str(tmp_path)):
             time.sleep(0)
     assert open(tmp_path / files.LOCK_NAME).read().strip() == str(os.getpid())
+
+
+def test_processes_of_one_run_probe_the_same_workdir_at_once(tmp_path):
+    # The processes of a multi-process run check the workdir at the same moment; with one shared
+    # probe name one removed the other's probe and refused a writable directory (CI, session 5).
+    import threading
+
+    errors = []
+    start = threading.Barrier(4)
+
+    def probe_many():
+        start.wait()
+        for _ in range(300):
+            try:
+                files.ensure_writable_dir(str(tmp_path / "run"))
+            except UserError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=probe_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert os.listdir(tmp_path / "run") == []
