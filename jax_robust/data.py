@@ -79,19 +79,48 @@ def _make(name: str, x_train, y_train, x_test, y_test, levels: int, num_classes:
                    y_test=np.asarray(y_test, np.int32), info=info)
 
 
+# The order of train_test_split(range(1797), test_size=360, stratify=target, random_state=0):
+# 1,437 train indices, then 360 test indices (tests/test_data.py checks it against sklearn).
+DIGITS_SPLIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_split.npy")
+DIGITS_TEST = 360
+
+
+def _digits_csv() -> str | None:
+    """Path of scikit-learn's digits.csv.gz, found without importing scikit-learn (which
+    takes over a second of every run's start-up), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    return path if os.path.isfile(path) else None
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] float64 in 0..16, target [1797] int): `sklearn.datasets.
+    load_digits()`'s images and target, read from its CSV file directly where it is found."""
+    path = _digits_csv()
+    if path is None:
+        from sklearn.datasets import load_digits as sk_load_digits
+
+        d = sk_load_digits()
+        return d.images, d.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
 def load_digits(data_dir: str | None = None) -> Dataset:
     """scikit-learn's 8x8 digits; pixel values k/16; stratified split, 360 test images."""
     del data_dir
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = sk_load_digits()
-    x = digits.images.astype(np.float32)[..., None] / 16.0
-    y = digits.target
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=360, stratify=y, random_state=0
-    )
-    return _make("digits", x_train, y_train, x_test, y_test, levels=16, num_classes=10)
+    images, target = digits_arrays()
+    order = np.load(DIGITS_SPLIT)
+    if sorted(order.tolist()) != list(range(len(target))):
+        raise DataError(f"{DIGITS_SPLIT} is not a permutation of the {len(target)} digits")
+    x = images.astype(np.float32)[..., None] / 16.0
+    train, test = order[:-DIGITS_TEST], order[-DIGITS_TEST:]
+    return _make("digits", x[train], target[train], x[test], target[test], levels=16,
+                 num_classes=10)
 
 
 # ----------------------------------------------------------------------------- IDX files

@@ -290,8 +290,10 @@ def make_model_fn(module: nn.Module) -> ModelFn:
 
 def init_model(module: nn.Module, key: jax.Array, image_shape) -> tuple[Any, Any]:
     """(params, model_state) for `module` on inputs of `image_shape` (H, W, C)."""
-    variables = module.init({"params": key}, jnp.zeros((1, *image_shape), jnp.float32),
-                            train=False)
+    # One compiled program: run eagerly, init compiles every initializer op on its own
+    # (about 80 small programs and 7 s for a WRN-16-2).
+    variables = jax.jit(lambda k: module.init(
+        {"params": k}, jnp.zeros((1, *image_shape), jnp.float32), train=False))(key)
     params = variables.pop("params")
     return params, dict(variables)
 

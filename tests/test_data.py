@@ -50,6 +50,24 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     assert recipes.recipe(ds.info.name).eps == 0.1 and ds.info.num_classes == 10
 
 
+def test_digits_equal_sklearns_load_digits_and_train_test_split():
+    # The loader reads the CSV and a stored split order instead of importing scikit-learn;
+    # the reference here is scikit-learn's own load_digits + train_test_split.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)[..., None] / 16.0
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target, test_size=360, stratify=digits.target, random_state=0)
+    assert data._digits_csv() is not None  # the fast path is the one tested
+    ds = data.load_dataset("digits")
+    np.testing.assert_array_equal(ds.x_train, x_train)
+    np.testing.assert_array_equal(ds.x_test, x_test)
+    np.testing.assert_array_equal(ds.y_train, y_train)
+    np.testing.assert_array_equal(ds.y_test, y_test)
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_directory_round_trip(tmp_path, gz):
     arrays = make_idx_dir(str(tmp_path), gz=gz)

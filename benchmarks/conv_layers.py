@@ -1,0 +1,151 @@
+"""Per-layer profile of the CNNs' convolutions: JAX (XLA:CPU, the project's speed flags) against
+PyTorch (oneDNN) eager NCHW and channels_last, op by op, in one process.
+
+Each conv of CNN1 / CNN2 at the AT step's batch is timed as three separately compiled ops:
+the forward, the gradient with respect to its input, and the gradient with respect to its
+weights (JAX: `jax.vjp` of `lax.conv_general_dilated`, with the library's overlap-add input
+gradient for the first conv, as the models use it on CPU; PyTorch: `conv2d`,
+`torch.nn.grad.conv2d_input`, `conv2d_weight`). Modes alternate, medians of `--repeats`.
+
+The AT step with PGD-`--steps` runs each conv's forward steps + 1 times, its input gradient
+steps times (+ 1 in the update, except the first conv) and its weight gradient once; the
+"per step" columns weight the op times by those counts, which says where a step's conv time
+goes and which side is faster at each op. Ops outside the convs (dense layers, pools, ReLUs,
+the loss, the update) are not here: the step time of `at_step.py` minus the sum shown is
+their share.
+
+  python benchmarks/conv_layers.py --models=cnn2 --repeats=7
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["cnn1", "cnn2"], "cnn1 and/or cnn2")
+flags.DEFINE_integer("batch", 128, "images per op call (the AT step's batch)")
+flags.DEFINE_integer("steps", 10, "PGD steps of the AT step the per-step columns assume")
+flags.DEFINE_integer("repeats", 7, "timed repetitions per op and mode (median)")
+flags.DEFINE_integer("calls", 5, "op calls per timed repetition")
+flags.DEFINE_bool("speed_flags", True, "the project's XLA:CPU flags (jax_robust.speed_flags)")
+
+# (input height = width, input channels, output channels) of each 3x3 VALID conv.
+CONVS = {"cnn1": [(28, 1, 32), (26, 32, 64)],
+         "cnn2": [(28, 1, 32), (26, 32, 32), (12, 32, 64), (10, 64, 64)]}
+OPS = ("forward", "input_grad", "weight_grad")
+
+
+def op_counts(layer: int, steps: int) -> dict[str, int]:
+    """Calls of each op of conv `layer` in one AT step with PGD-`steps`."""
+    return {"forward": steps + 1, "input_grad": steps + (layer > 0), "weight_grad": 1}
+
+
+def jax_ops(batch: int, size: int, c_in: int, c_out: int, first: bool):
+    """{op: zero-argument callable that runs it once and waits} for JAX."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_robust import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, size, size, c_in), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out), np.float32) * 0.1)
+    conv_fn = layers.first_conv_fn("overlap_add") if first else None
+    conv_fn = conv_fn or jax.lax.conv_general_dilated
+
+    def conv(x, w):
+        return conv_fn(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    g = jnp.asarray(rng.standard_normal(conv(x, w).shape, np.float32))
+    forward = jax.jit(conv)
+    input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda z: conv(z, w), x)[1](g)[0])
+    weight_grad = jax.jit(lambda x, w, g: jax.vjp(lambda v: conv(x, v), w)[1](g)[0])
+    return {"forward": lambda: forward(x, w).block_until_ready(),
+            "input_grad": lambda: input_grad(x, w, g).block_until_ready(),
+            "weight_grad": lambda: weight_grad(x, w, g).block_until_ready()}
+
+
+def torch_ops(batch: int, size: int, c_in: int, c_out: int, channels_last: bool):
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, c_in, size, size, generator=gen).to(memory_format=fmt)
+    w = (torch.randn(c_out, c_in, 3, 3, generator=gen) * 0.1).to(memory_format=fmt)
+    g = torch.randn(batch, c_out, size - 2, size - 2, generator=gen).to(memory_format=fmt)
+
+    def run(fn):
+        def call():
+            with torch.no_grad():
+                fn()
+        return call
+
+    return {"forward": run(lambda: F.conv2d(x, w)),
+            "input_grad": run(lambda: torch.nn.grad.conv2d_input(x.shape, w, g)),
+            "weight_grad": run(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g))}
+
+
+def median_seconds(call, repeats: int, calls: int) -> list[float]:
+    from bench_util import timed
+
+    call()
+    call()  # compile / warm
+    return [timed(lambda: [call() for _ in range(calls)]) / calls for _ in range(repeats)]
+
+
+def main(argv):
+    del argv
+    if FLAGS.speed_flags:
+        from jax_robust.speed_flags import append_speed_flags
+
+        append_speed_flags()
+    from bench_util import print_peak, start_frameworks
+
+    start_frameworks(torch=True)
+    peak = print_peak(4096, 3)
+    modes = ("jax", "torch_nchw", "torch_cl")
+    for model in FLAGS.models:
+        print(f"\n{model}: batch {FLAGS.batch}, PGD-{FLAGS.steps} AT step; ms per call "
+              f"(GFLOP/s, % of the {peak:.0f} GFLOP/s peak); per step = ms x calls per step")
+        print(f"| conv | op | calls/step | " + " | ".join(modes) +
+              " | jax / best torch | per step: jax ms | best torch ms |")
+        print("|---|---|---:|" + "---:|" * len(modes) + "---:|---:|---:|")
+        totals = {m: 0.0 for m in modes}
+        for layer, (size, c_in, c_out) in enumerate(CONVS[model]):
+            flop = 2 * FLAGS.batch * (size - 2) ** 2 * 9 * c_in * c_out
+            runners = {"jax": jax_ops(FLAGS.batch, size, c_in, c_out, first=layer == 0),
+                       "torch_nchw": torch_ops(FLAGS.batch, size, c_in, c_out, False),
+                       "torch_cl": torch_ops(FLAGS.batch, size, c_in, c_out, True)}
+            counts = op_counts(layer, FLAGS.steps)
+            for op in OPS:
+                times = {m: [] for m in modes}
+                for _ in range(FLAGS.repeats):  # modes alternate within each repetition
+                    for m in modes:
+                        times[m] += median_seconds(runners[m][op], 1, FLAGS.calls)
+                med = {m: statistics.median(t) for m, t in times.items()}
+                best_torch = min(("torch_nchw", "torch_cl"), key=med.get)
+                for m in modes:
+                    totals[m] += med[m] * counts[op]
+                cells = " | ".join(f"{med[m] * 1e3:.2f} ({flop / med[m] / 1e9:.0f}, "
+                                   f"{flop / med[m] / 1e9 / peak * 100:.0f}%)" for m in modes)
+                print(f"| c{layer + 1} {size}x{size}x{c_in}->{c_out} | {op} | {counts[op]} | "
+                      f"{cells} | {med[best_torch] / med['jax']:.2f} | "
+                      f"{med['jax'] * counts[op] * 1e3:.1f} | "
+                      f"{med[best_torch] * counts[op] * 1e3:.1f} ({best_torch}) |")
+                sys.stdout.flush()
+        print(f"{model} conv time per AT step: " + ", ".join(
+            f"{m} {totals[m] * 1e3:.0f} ms" for m in modes))
+        print(f"RESULT {{\"model\": \"{model}\", " + ", ".join(
+            f"\"{m}_conv_ms_per_step\": {totals[m] * 1e3:.1f}" for m in modes) + "}")
+
+
+if __name__ == "__main__":
+    app.run(main)
