@@ -20,3 +20,16 @@ from jax_robust.speed_flags import append_speed_flags  # noqa: E402
 
 append_speed_flags()
 chex.set_n_cpu_devices(2)
+
+# The longest files first: with pytest-xdist's --dist=loadfile a worker takes a whole file, and a
+# long file taken last leaves the other worker idle at the end.
+FIRST = ("test_multiprocess.py", "test_notebook.py", "test_variants.py", "test_scale.py",
+         "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

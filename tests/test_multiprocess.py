@@ -97,7 +97,6 @@ def cnn1_two_processes(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cnn1_two_processes")  # one worker runs the module fixture once
 def test_cnn1_over_two_processes_equals_one_process_of_four_and_of_one_device(
         cnn1_two_processes, tmp_path):
     workdir, two, log = cnn1_two_processes
@@ -131,7 +130,6 @@ def test_batchnorm_network_over_two_processes_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cnn1_two_processes")
 @pytest.mark.parametrize("victim", [1, 0])
 def test_sigkill_of_one_process_ends_the_other_and_a_relaunch_resumes(
         cnn1_two_processes, tmp_path, victim):

@@ -46,7 +46,6 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [7, 12])  # of 15 steps; checkpoints every 2 and per epoch
-@pytest.mark.xdist_group("reliability_uninterrupted")
 def test_sigkill_mid_run_then_resume_gives_the_same_results(tmp_path, uninterrupted, kill_at):
     proc = subprocess.Popen([sys.executable, RUN, *TINY, f"--workdir={tmp_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -121,7 +120,6 @@ def _newest_step(ckdir):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("reliability_uninterrupted")
 def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_rerun_is_uninterrupted(
         tmp_path, uninterrupted):
     import shutil
@@ -143,7 +141,6 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_rerun_is_uninterrupt
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "no_integrity", "garbage_integrity"])
-@pytest.mark.xdist_group("reliability_uninterrupted")
 def test_a_copied_checkpoint_folder_carries_its_checks(tmp_path, uninterrupted, damage):
     import shutil
 
@@ -172,7 +169,6 @@ def _truncate_largest_file(directory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("reliability_uninterrupted")
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
     import shutil
 
@@ -188,7 +184,6 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, un
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("reliability_uninterrupted")
 def test_all_checkpoints_corrupt_is_one_clear_error(tmp_path, uninterrupted):
     import shutil
 
