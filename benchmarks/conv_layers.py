@@ -19,13 +19,13 @@ their share.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_util
+import flop_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cnn1", "cnn2"], "cnn1 and/or cnn2")
@@ -35,9 +35,6 @@ flags.DEFINE_integer("repeats", 7, "timed repetitions per op and mode (median)")
 flags.DEFINE_integer("calls", 5, "op calls per timed repetition")
 flags.DEFINE_bool("speed_flags", True, "the project's XLA:CPU flags (jax_robust.speed_flags)")
 
-# (input height = width, input channels, output channels) of each 3x3 VALID conv.
-CONVS = {"cnn1": [(28, 1, 32), (26, 32, 64)],
-         "cnn2": [(28, 1, 32), (26, 32, 32), (12, 32, 64), (10, 64, 64)]}
 OPS = ("forward", "input_grad", "weight_grad")
 
 
@@ -93,43 +90,39 @@ def torch_ops(batch: int, size: int, c_in: int, c_out: int, channels_last: bool)
             "weight_grad": run(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g))}
 
 
-def median_seconds(call, repeats: int, calls: int) -> list[float]:
-    from bench_util import timed
-
-    call()
-    call()  # compile / warm
-    return [timed(lambda: [call() for _ in range(calls)]) / calls for _ in range(repeats)]
-
-
 def main(argv):
     del argv
     if FLAGS.speed_flags:
         from jax_robust.speed_flags import append_speed_flags
 
         append_speed_flags()
-    from bench_util import print_peak, start_frameworks
-
-    start_frameworks(torch=True)
-    peak = print_peak(4096, 3)
+    bench_util.start_frameworks(torch=True)
+    peak = bench_util.print_peak(4096, 3)
     modes = ("jax", "torch_nchw", "torch_cl")
     for model in FLAGS.models:
         print(f"\n{model}: batch {FLAGS.batch}, PGD-{FLAGS.steps} AT step; ms per call "
               f"(GFLOP/s, % of the {peak:.0f} GFLOP/s peak); per step = ms x calls per step")
-        print(f"| conv | op | calls/step | " + " | ".join(modes) +
+        print("| conv | op | calls/step | " + " | ".join(modes) +
               " | jax / best torch | per step: jax ms | best torch ms |")
         print("|---|---|---:|" + "---:|" * len(modes) + "---:|---:|---:|")
         totals = {m: 0.0 for m in modes}
-        for layer, (size, c_in, c_out) in enumerate(CONVS[model]):
-            flop = 2 * FLAGS.batch * (size - 2) ** 2 * 9 * c_in * c_out
+        convs = [(h, c_in, c_out) for kind, h, _, c_in, c_out in flop_count.cnn_layers(model)
+                 if kind == "conv"]
+        for layer, (size, c_in, c_out) in enumerate(convs):
+            flop = 2 * FLAGS.batch * flop_count.conv_macs(size, size, c_in, c_out, 3)[0]
             runners = {"jax": jax_ops(FLAGS.batch, size, c_in, c_out, first=layer == 0),
                        "torch_nchw": torch_ops(FLAGS.batch, size, c_in, c_out, False),
                        "torch_cl": torch_ops(FLAGS.batch, size, c_in, c_out, True)}
             counts = op_counts(layer, FLAGS.steps)
             for op in OPS:
+                calls = {m: runners[m][op] for m in modes}
+                for call in calls.values():  # compile and warm
+                    call(), call()
                 times = {m: [] for m in modes}
                 for _ in range(FLAGS.repeats):  # modes alternate within each repetition
-                    for m in modes:
-                        times[m] += median_seconds(runners[m][op], 1, FLAGS.calls)
+                    for m, call in calls.items():
+                        times[m].append(bench_util.timed(
+                            lambda: [call() for _ in range(FLAGS.calls)]) / FLAGS.calls)
                 med = {m: statistics.median(t) for m, t in times.items()}
                 best_torch = min(("torch_nchw", "torch_cl"), key=med.get)
                 for m in modes:

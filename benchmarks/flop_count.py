@@ -31,21 +31,29 @@ def conv_macs(h: int, w: int, c_in: int, c_out: int, kernel: int, stride: int = 
     return h_out * w_out * c_out * kernel * kernel * c_in, h_out, w_out
 
 
-def cnn_layer_macs(arch: str) -> list[int]:
-    """MACs per image of each conv and dense layer of CNN1 or CNN2, in order."""
+def cnn_layers(arch: str) -> list[tuple[str, int, int, int, int]]:
+    """(kind 'conv' or 'dense', input height, input width, input features, output features) of
+    each conv and dense layer of CNN1 or CNN2, in order (3x3 unpadded convs)."""
     h, w, c = SHAPES[arch]
-    macs = []
+    layers = []
     for layer in CNN_SPECS[arch]:
         if layer == "pool":
             h, w = h // 2, w // 2
-        elif layer[0] == "c":
-            m, h, w = conv_macs(h, w, c, int(layer[1:]), 3)
-            c = int(layer[1:])
-            macs.append(m)
+            continue
+        features = int(layer[1:])
+        layers.append(("conv" if layer[0] == "c" else "dense", h, w, c, features))
+        if layer[0] == "c":
+            h, w = h - 2, w - 2
         else:
-            macs.append(h * w * c * int(layer[1:]))
-            h, w, c = 1, 1, int(layer[1:])
-    return macs
+            h, w = 1, 1
+        c = features
+    return layers
+
+
+def cnn_layer_macs(arch: str) -> list[int]:
+    """MACs per image of each conv and dense layer of CNN1 or CNN2, in order."""
+    return [conv_macs(h, w, c_in, c_out, 3)[0] if kind == "conv" else h * w * c_in * c_out
+            for kind, h, w, c_in, c_out in cnn_layers(arch)]
 
 
 def wrn_layer_macs(depth: int, width: int, num_classes: int = 10) -> list[int]:

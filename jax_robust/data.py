@@ -115,7 +115,7 @@ def load_digits(data_dir: str | None = None) -> Dataset:
     del data_dir
     images, target = digits_arrays()
     order = np.load(DIGITS_SPLIT)
-    if sorted(order.tolist()) != list(range(len(target))):
+    if not np.array_equal(np.sort(order), np.arange(len(target))):
         raise DataError(f"{DIGITS_SPLIT} is not a permutation of the {len(target)} digits")
     x = images.astype(np.float32)[..., None] / 16.0
     train, test = order[:-DIGITS_TEST], order[-DIGITS_TEST:]
