@@ -13,6 +13,9 @@ the library on (jax_robust/layers.py, models.py). Each speed lever takes one
   flaxbn      channel_sums='reduce': BatchNorm's per-channel sums (and their gradients) as
               XLA reductions, as `nn.BatchNorm` computes them (the library's: ones-vector dots)
   rolled      attack_unroll=False: the PGD / lipschitz loops as rolled `lax.fori_loop`s
+  xlarows     conv_input_grad='xla': the CNNs' later convs' input gradients left to XLA (the
+              library's `layers.column_taps_conv`: a kh x 1 conv-transpose of the stacked
+              column taps, then an overlap-add)
 and the PRNG implementation of every key made while the variant is built (the step's key, so
 its dropout masks and random starts), set with `jax.config.update('jax_default_prng_impl',
 ...)` by `prng(variant)` and put back when it exits:
@@ -52,12 +55,14 @@ SPEED_LEVERS = {
     "biasfirst": ("conv_bias_after_pool", False),
     "flaxbn": ("channel_sums", "reduce"),
     "rolled": ("attack_unroll", False),
+    "xlarows": ("conv_input_grad", "xla"),
 }
 PRNG_LEVERS = {"rbg": "rbg", "unsafe_rbg": "unsafe_rbg", "threefry": "threefry2x32"}
 LEVERS = tuple(SPEED_LEVERS) + tuple(PRNG_LEVERS)
 BASE = config.CPU_SPEED
 # The archs a lever reaches (absent: every arch).
-ONLY = {"xlapool": ("cnn1", "cnn2"), "xlaconv": ("cnn1", "cnn2"), "biasfirst": ("cnn1",),
+ONLY = {"xlapool": ("cnn1", "cnn2"), "xlaconv": ("cnn1", "cnn2"), "xlarows": ("cnn1", "cnn2"),
+        "biasfirst": ("cnn1",),
         "flaxbn": ("wrn", "resnet50")}
 
 for _lever, (_field, _value) in SPEED_LEVERS.items():  # each lever is a plain form

@@ -81,6 +81,9 @@ SPEED_FLAGS = {
                                               "conv2 bias after the pool (default: on CPU)"),
     "attack_unroll": flags.DEFINE_bool("attack_unroll", None, "speed: unroll the PGD and "
                                        "lipschitz loops (default: on CPU)"),
+    "conv_input_grad": flags.DEFINE_string("conv_input_grad", None, "speed: the CNNs' later "
+                                           "convs' input gradient, column_taps or xla "
+                                           "(default: column_taps on CPU)"),
 }
 flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (default: "
                     "runs/<dataset>_<arch>_<method tag>_<variant>_seed<seed>)")

@@ -99,6 +99,9 @@ class SpeedConfig:
       channel_sums         'dot': BatchNorm's per-channel sums as ones-vector dots; 'reduce'
       conv_bias_after_pool CNN1's conv2 bias added after the pool (pool(z) + b = pool(z + b))
       attack_unroll        every PGD / lipschitz loop unrolled inside the jitted program
+      conv_input_grad      'column_taps': layers.column_taps_conv (the CNNs' later convs take
+                           their input gradient with the column taps stacked on the
+                           channels); 'xla'
     """
 
     pool_grad: str | None = None
@@ -106,15 +109,16 @@ class SpeedConfig:
     channel_sums: str | None = None
     conv_bias_after_pool: bool | None = None
     attack_unroll: bool | None = None
+    conv_input_grad: str | None = None
 
 
 SPEED_CHOICES = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
                  "channel_sums": ("dot", "reduce"), "conv_bias_after_pool": (True, False),
-                 "attack_unroll": (True, False)}
+                 "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla")}
 # The plain JAX forms: what a model computes when nobody chose otherwise (notebooks, GPU/TPU).
-PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False)
+PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False, "xla")
 # Every CPU lever on: measured faster on XLA:CPU (BUILD_NOTES.md, "Speed").
-CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True)
+CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True, "column_taps")
 
 
 @dataclasses.dataclass(frozen=True)

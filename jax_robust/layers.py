@@ -10,6 +10,9 @@ in the backward pass, where XLA:CPU is slow when left to autodiff (measured in B
   small_input_conv  `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: a
                     stride-1 conv with at most 4 input channels (a network's first layer) gets
                     its input gradient as one matmul plus an overlap-add of the kh*kw taps.
+  column_taps_conv  the same for the later convs: the input gradient as a kh x 1
+                    conv-transpose of the kw column taps stacked on the channels, then a
+                    kw-tap overlap-add (zero padding on the rows only).
   sum_leading,      per-channel sums over [n, h, w] and the matching broadcast, each the
   broadcast_leading   other's gradient, as ones-vector dots ("dot") or XLA reduces ("reduce").
   BatchNorm         `nn.BatchNorm`'s variables and formulas on top of those sums.
@@ -158,6 +161,28 @@ def _overlap_add_conv_bwd(pads, res, g):
 _overlap_add_conv.defvjp(_overlap_add_conv_fwd, _overlap_add_conv_bwd)
 
 
+def _stride1_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count, precision,
+                  preferred_element_type):
+    """The ((top, bottom), (left, right)) pads of a plain stride-1 NHWC/HWIO conv (no dilation,
+    groups, precision or output type; every pad within [0, kernel size)), else None."""
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    fits = (lhs.ndim == 4
+            and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+            and tuple(window_strides) == (1, 1) and feature_group_count == 1
+            and batch_group_count == 1 and precision is None
+            and preferred_element_type is None
+            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
+    if not fits:
+        return None
+    pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+            if isinstance(padding, str) else padding)
+    pads = tuple(tuple(p) for p in pads)
+    if all(0 <= p < k for pair, k in zip(pads, rhs.shape[:2]) for p in pair):
+        return pads
+    return None
+
+
 def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                      precision=None, preferred_element_type=None):
@@ -167,23 +192,73 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     pad within [0, kernel size). Same values; the input gradient differs from XLA's by float
     rounding only.
     """
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    fits = (lhs.ndim == 4 and rhs.shape[2] <= 4
-            and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-            and tuple(window_strides) == (1, 1) and feature_group_count == 1
-            and batch_group_count == 1 and precision is None
-            and preferred_element_type is None
-            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
-    if fits:
-        pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-                if isinstance(padding, str) else padding)
-        pads = tuple(tuple(p) for p in pads)
-        if all(0 <= p < k for pair, k in zip(pads, rhs.shape[:2]) for p in pair):
-            return _overlap_add_conv(lhs, rhs, pads)
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    pads = _stride1_pads(*args)
+    if pads is not None and rhs.shape[2] <= 4:
+        return _overlap_add_conv(lhs, rhs, pads)
+    return jax.lax.conv_general_dilated(*args[:9], precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+
+def _column_taps_input_grad(g, w, pads, x_shape):
+    """x-gradient of a stride-1 NHWC/HWIO conv, with the kw column taps stacked on channels.
+
+    The conv equals a kh x 1 conv of the stacked input [n, h_p, wo, kw*i] (the padded input's
+    kw column shifts side by side) with w as [kh, 1, kw*i, o]. Its transpose is XLA's
+    conv-transpose, which zero-pads only the rows (a kh x kw transpose pads both axes and
+    multiplies the zeros: 44-56% more work on 10x10 and 12x12 maps); then the kw column taps
+    are shifted and summed, and the pads cropped. g [n, ho, wo, o] -> [n, h, w, i].
+    """
+    kh, kw, c_in, c_out = w.shape
+    n, h, wd, _ = x_shape
+    (top, bottom), (left, right) = pads
+    h_p, w_p = h + top + bottom, wd + left + right
+    wo = g.shape[2]
+    stacked = jax.ShapeDtypeStruct((n, h_p, wo, kw * c_in), g.dtype)
+    rows_conv = functools.partial(_conv, w=w.reshape(kh, 1, kw * c_in, c_out),
+                                  pads=((0, 0), (0, 0)))
+    (d_stacked,) = jax.linear_transpose(lambda s: rows_conv(s), stacked)(g)
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for j in range(kw):
+        tap = jax.lax.pad(d_stacked[..., j * c_in:(j + 1) * c_in], zero,
+                          ((0, 0, 0), (0, 0, 0), (j, w_p - wo - j, 0), (0, 0, 0)))
+        dx = tap if dx is None else dx + tap
+    return dx[:, top:top + h, left:left + wd]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _column_taps_conv(x, w, pads):
+    return _conv(x, w, pads)
+
+
+def _column_taps_conv_fwd(x, w, pads):
+    return _conv(x, w, pads), (x, w)
+
+
+def _column_taps_conv_bwd(pads, res, g):
+    x, w = res
+    gw = jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]  # XLA's kernel gradient
+    return _column_taps_input_grad(g, w, pads, x.shape), gw
+
+
+_column_taps_conv.defvjp(_column_taps_conv_fwd, _column_taps_conv_bwd)
+
+
+def column_taps_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                     precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated`, with the input gradient of `_column_taps_input_grad` for a
+    plain stride-1 NHWC/HWIO conv (else XLA's). The forward is XLA's conv, bit for bit; the
+    input gradient differs from XLA's by float rounding only."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    pads = _stride1_pads(*args)
+    if pads is not None:
+        return _column_taps_conv(lhs, rhs, pads)
+    return jax.lax.conv_general_dilated(*args[:9], precision=precision,
+                                        preferred_element_type=preferred_element_type)
 
 
 def first_conv_fn(grad: str) -> Callable | None:
@@ -191,6 +266,14 @@ def first_conv_fn(grad: str) -> Callable | None:
     if grad not in ("overlap_add", "xla"):
         raise ValueError(f"unknown first_conv_grad {grad!r}")
     return small_input_conv if grad == "overlap_add" else None
+
+
+def later_conv_fn(grad: str) -> Callable | None:
+    """`nn.Conv`'s conv_general_dilated for a conv after the first: grad 'column_taps' or
+    'xla'."""
+    if grad not in ("column_taps", "xla"):
+        raise ValueError(f"unknown conv_input_grad {grad!r}")
+    return column_taps_conv if grad == "column_taps" else None
 
 
 # ----------------------------------------------------------------------------- channel sums
@@ -308,13 +391,15 @@ class ConvPool(nn.Module):
     pool_grad: str
     pool_ties: str = "split"
     dtype: Any = jnp.float32
+    conv_input_grad: str = "xla"  # SpeedConfig.conv_input_grad
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+        conv = later_conv_fn(self.conv_input_grad) or jax.lax.conv_general_dilated
+        y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
         if self.bias_after_pool:
             return pool_2x2(y, self.pool_grad, self.pool_ties) + bias
         return pool_2x2(y + bias, self.pool_grad, self.pool_ties)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jax_robust.config import PLAIN_SPEED, SpeedConfig
 from jax_robust.errors import UserError
-from jax_robust.layers import BatchNorm, ConvPool, first_conv_fn, pool_2x2
+from jax_robust.layers import BatchNorm, ConvPool, first_conv_fn, later_conv_fn, pool_2x2
 
 # PyTorch's default Linear/Conv init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -82,7 +82,7 @@ class CNN1(_CNN):
         # replaces: the same parameter path, so the same initial values.
         x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
                      self.speed.conv_bias_after_pool, self.speed.pool_grad, self.pool_ties,
-                     self.dtype, name="Conv_1")(x)
+                     self.dtype, self.speed.conv_input_grad, name="Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -97,7 +97,8 @@ class CNN2(_CNN):
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         for i, features in enumerate((32, 32, 64, 64)):
-            conv_fn = first_conv_fn(self.speed.first_conv_grad) if i == 0 else None
+            conv_fn = (first_conv_fn(self.speed.first_conv_grad) if i == 0
+                       else later_conv_fn(self.speed.conv_input_grad))
             x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=kaiming_normal_fan_in,
                         bias_init=nn.initializers.zeros, dtype=self.dtype,
                         conv_general_dilated=conv_fn)(x)

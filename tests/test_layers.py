@@ -155,6 +155,56 @@ def test_small_input_conv_takes_its_own_gradient_only_where_it_fits():
     assert not has_custom_vjp(5, (1, 1)) and not has_custom_vjp(1, (2, 2))
 
 
+def numpy_conv_input_grad(g, w, pads, x_shape):
+    """Brute force in float64: each output pixel's gradient sent back through each tap to the
+    input pixel it read (taps that read the zero padding send nothing)."""
+    (top, _), (left, _) = pads
+    gx = np.zeros(x_shape)
+    kh, kw = w.shape[:2]
+    n, ho, wo, _ = g.shape
+    for a, b, i, j in np.ndindex(ho, wo, kh, kw):
+        r, c = a + i - top, b + j - left
+        if 0 <= r < x_shape[1] and 0 <= c < x_shape[2]:
+            gx[:, r, c] += g[:, a, b] @ w[i, j].T
+    return gx
+
+
+@pytest.mark.parametrize("c_in,kernel,pads", [
+    (64, (3, 3), ((0, 0), (0, 0))), (5, (3, 3), ((1, 1), (1, 1))),
+    (3, (5, 3), ((2, 0), (1, 2))), (4, (3, 2), ((0, 2), (1, 0)))])
+def test_column_taps_conv_input_gradient_against_brute_force(c_in, kernel, pads):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 10, 9, c_in)).astype(np.float32)
+    w = rng.normal(size=(*kernel, c_in, 6)).astype(np.float32)
+
+    @jax.jit
+    def run(x, w, g):
+        y, vjp = jax.vjp(lambda a, b: layers.column_taps_conv(
+            a, b, (1, 1), pads, dimension_numbers=layers.NHWC), x, w)
+        return y, vjp(g)
+
+    y_ref, vjp_ref = jax.vjp(lambda a, b: plain_conv(a, b, pads), x, w)
+    g = rng.normal(size=y_ref.shape).astype(np.float32)
+    y, (gx, gw) = run(x, w, g)
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda a: layers.column_taps_conv(
+        a, w, (1, 1), pads, dimension_numbers=layers.NHWC))(x))
+    np.testing.assert_array_equal(y, y_ref)  # the forward is XLA's conv
+    gx_ref, gw_ref = vjp_ref(g)
+    np.testing.assert_array_equal(gw, gw_ref)  # and so is the kernel gradient
+    brute = numpy_conv_input_grad(g.astype(np.float64), w.astype(np.float64), pads, x.shape)
+    assert np.abs(brute).max() > 1.0
+    np.testing.assert_allclose(gx, brute, rtol=1e-5, atol=1e-5 * np.abs(brute).max())
+    # Every input pixel's gradient, borders included: a dropped or misplaced tap would show.
+    np.testing.assert_allclose(gx_ref, brute, rtol=1e-5, atol=1e-5 * np.abs(brute).max())
+
+
+def test_column_taps_conv_falls_back_to_xla_for_strides():
+    x, w = jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))
+    text = str(jax.make_jaxpr(lambda a: layers.column_taps_conv(
+        a, w, (2, 2), "VALID", dimension_numbers=layers.NHWC))(x))
+    assert "custom_vjp" not in text and "conv_general_dilated" in text
+
+
 def official_cnn1(params, x):
     """The official CNN001 in eval mode from plain lax ops: the bias added BEFORE the pool."""
     def conv(x, p):

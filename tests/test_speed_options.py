@@ -122,20 +122,37 @@ def cnn1(speed):
     return models.CNN1(dropout=0.5, speed=speed)
 
 
+# The options whose 'on' form is a custom VJP, and their plain form.
+CUSTOM_VJP_OPTIONS = {"pool_grad": "autodiff", "first_conv_grad": "xla", "conv_input_grad": "xla"}
+
+
+@pytest.mark.slow
+def test_cnn2_conv_input_grad_changes_the_program_not_the_values():
+    """CNN2's three later convs take the column-taps input gradient (the first takes the
+    overlap-add one); with the other custom VJPs off, one custom VJP per later conv."""
+    def make(speed):
+        speed = with_option(with_option(speed, "pool_grad", "autodiff"), "first_conv_grad", "xla")
+        return models.CNN2(dropout=0.5, speed=speed)
+
+    texts = check_option_on_model(make, "conv_input_grad", "column_taps", "xla", (28, 28, 1),
+                                  batch=4, train=True)
+    text_on, text_off = texts["forward"]
+    assert text_on.count("custom_vjp_call") == 3 and "custom_vjp" not in text_off
+
+
 @pytest.mark.parametrize("field,on,off,marker", [
     ("pool_grad", "corners", "autodiff", "custom_vjp"),
     ("first_conv_grad", "overlap_add", "xla", "custom_vjp"),
+    ("conv_input_grad", "column_taps", "xla", "custom_vjp"),
     ("conv_bias_after_pool", True, False, None),
 ])
 def test_cnn1_options_change_the_program_not_the_values(field, on, off, marker):
-    # CPU_SPEED around the option; pool_grad and first_conv_grad are the only custom VJPs
-    # of CNN1, so with the other one off, the marker shows which form was traced.
-    base_off = {"pool_grad": "first_conv_grad", "first_conv_grad": "pool_grad"}.get(field)
-    off_value = {"pool_grad": "autodiff", "first_conv_grad": "xla"}.get(base_off)
-
+    # CPU_SPEED around the option; the custom-VJP options of CNN1 other than `field` are
+    # off, so the marker shows which form was traced.
     def make(speed):
-        if base_off:
-            speed = with_option(speed, base_off, off_value)
+        for other, plain in CUSTOM_VJP_OPTIONS.items():
+            if marker and other != field:
+                speed = with_option(speed, other, plain)
         return cnn1(speed)
 
     texts = check_option_on_model(make, field, on, off, (28, 28, 1), batch=4, train=True)
@@ -207,7 +224,7 @@ def test_attack_unroll_changes_the_program_not_the_values():
 def test_every_speed_option_is_tested_with_its_choices():
     tested = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
               "conv_bias_after_pool": (True, False), "channel_sums": ("dot", "reduce"),
-              "attack_unroll": (True, False)}
+              "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla")}
     assert tested == config.SPEED_CHOICES
     assert set(tested) == {f.name for f in dataclasses.fields(config.SpeedConfig)}
     # CPU_SPEED is every lever on, PLAIN_SPEED every one off.
