@@ -218,7 +218,7 @@ def _column_taps_input_grad(g, w, pads, x_shape):
     stacked = jax.ShapeDtypeStruct((n, h_p, wo, kw * c_in), g.dtype)
     rows_conv = functools.partial(_conv, w=w.reshape(kh, 1, kw * c_in, c_out),
                                   pads=((0, 0), (0, 0)))
-    (d_stacked,) = jax.linear_transpose(lambda s: rows_conv(s), stacked)(g)
+    (d_stacked,) = jax.linear_transpose(rows_conv, stacked)(g)
     zero = jnp.zeros((), g.dtype)
     dx = None
     for j in range(kw):
