@@ -143,22 +143,26 @@ def _overlap_add_input_grad(g, w, pads, x_shape):
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _overlap_add_conv(x, w, pads):
-    return _conv(x, w, pads)
+def _conv_with_input_grad(input_grad: Callable) -> Callable:
+    """(x, w, pads) -> XLA's conv, whose VJP takes XLA's kernel gradient and
+    `input_grad(g, w, pads, x_shape)` for the input."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def conv(x, w, pads):
+        return _conv(x, w, pads)
+
+    def fwd(x, w, pads):
+        return _conv(x, w, pads), (x, w)
+
+    def bwd(pads, res, g):
+        x, w = res
+        gw = jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]  # XLA's kernel gradient
+        return input_grad(g, w, pads, x.shape), gw
+
+    conv.defvjp(fwd, bwd)
+    return conv
 
 
-def _overlap_add_conv_fwd(x, w, pads):
-    return _conv(x, w, pads), (x, w)
-
-
-def _overlap_add_conv_bwd(pads, res, g):
-    x, w = res
-    gw = jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]  # XLA's kernel gradient
-    return _overlap_add_input_grad(g, w, pads, x.shape), gw
-
-
-_overlap_add_conv.defvjp(_overlap_add_conv_fwd, _overlap_add_conv_bwd)
+_overlap_add_conv = _conv_with_input_grad(_overlap_add_input_grad)
 
 
 def _stride1_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -228,22 +232,7 @@ def _column_taps_input_grad(g, w, pads, x_shape):
     return dx[:, top:top + h, left:left + wd]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _column_taps_conv(x, w, pads):
-    return _conv(x, w, pads)
-
-
-def _column_taps_conv_fwd(x, w, pads):
-    return _conv(x, w, pads), (x, w)
-
-
-def _column_taps_conv_bwd(pads, res, g):
-    x, w = res
-    gw = jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]  # XLA's kernel gradient
-    return _column_taps_input_grad(g, w, pads, x.shape), gw
-
-
-_column_taps_conv.defvjp(_column_taps_conv_fwd, _column_taps_conv_bwd)
+_column_taps_conv = _conv_with_input_grad(_column_taps_input_grad)
 
 
 def column_taps_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
