@@ -289,12 +289,20 @@ def make_model_fn(module: nn.Module) -> ModelFn:
     return model_fn
 
 
+# XLA:CPU options of the one-off init program: fast to compile, the default's values.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 def init_model(module: nn.Module, key: jax.Array, image_shape) -> tuple[Any, Any]:
     """(params, model_state) for `module` on inputs of `image_shape` (H, W, C)."""
     # One compiled program: run eagerly, init compiles every initializer op on its own
-    # (about 80 small programs and 7 s for a WRN-16-2).
-    variables = jax.jit(lambda k: module.init(
-        {"params": k}, jnp.zeros((1, *image_shape), jnp.float32), train=False))(key)
+    # (about 80 small programs and 7 s for a WRN-16-2). It runs once, so it is compiled at
+    # LLVM level 1: the same bits, 2-4x less compile time (BUILD_NOTES.md, "Time to the first
+    # step"; tests/test_models.py checks the bits).
+    init = jax.jit(lambda k: module.init(
+        {"params": k}, jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    variables = init.lower(key).compile(compiler_options=options)(key)
     params = variables.pop("params")
     return params, dict(variables)
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,16 @@ def test_cnn2_init_kaiming_convs_zero_last_layer():
     k = np.asarray(params["Conv_3"]["kernel"])  # 3x3x64x64, fan_in 576
     assert abs(k.std() - np.sqrt(2 / 576)) < 0.05 * np.sqrt(2 / 576)
     assert not np.any(np.asarray(params["Conv_3"]["bias"]))
+
+
+@pytest.mark.parametrize("module,shape", [(models.CNN2(), (28, 28, 1)),
+                                          (models.WideResNet(depth=10, width=1), (32, 32, 3))])
+def test_init_compiled_for_speed_gives_the_default_programs_values(module, shape):
+    params, state = models.init_model(module, jax.random.key(3), shape)
+    variables = jax.jit(lambda k: module.init(  # XLA's default options
+        {"params": k}, jnp.zeros((1, *shape)), train=False))(jax.random.key(3))
+    assert models.INIT_COMPILER_OPTIONS  # the fast options are on
+    chex.assert_trees_all_equal({"params": params, **state}, variables)  # bit for bit
 
 
 def test_cnn1_torch_default_init_bounds():

@@ -45,7 +45,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [7, 12])  # of 15 steps; checkpoints every 2 and per epoch
+@pytest.mark.parametrize("kill_at", [7])  # of 15 steps; checkpoints every 2 and per epoch
 def test_sigkill_mid_run_then_resume_gives_the_same_results(tmp_path, uninterrupted, kill_at):
     proc = subprocess.Popen([sys.executable, RUN, *TINY, f"--workdir={tmp_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -38,7 +38,7 @@ def batch(n=8, seed=0):
 
 
 def hp(method, variant, steps=3):
-    return ObjectiveParams(eps=0.1, step_size=0.03, steps=steps, variant=variant, unroll=True,
+    return ObjectiveParams(eps=0.1, step_size=0.03, steps=steps, variant=variant, unroll=False,
                            hparams=methods.get(method).resolve_hparams({}))
 
 
@@ -49,7 +49,7 @@ def test_the_evaluation_runs_the_model_in_eval_mode_only():
     mesh = pipeline.make_mesh()
     step = evaluation.make_eval_step(rec, eps=0.1, attack_steps=3, attack_step_size=0.03,
                                      lip_steps=2, lip_step_size=0.003, lip_restarts=1,
-                                     unroll=True, mesh=mesh, ascent=True)
+                                     unroll=False, mesh=mesh, ascent=True)
     b = {k: np.asarray(v) for k, v in batch(16).items()}
     runs = [evaluation.evaluate(step, params, state, b["x"], b["y"], jax.random.key(3),
                                 batch_size=8, mesh=mesh, log=lambda _: None) for _ in range(2)]
