@@ -30,8 +30,8 @@ CNN1 = ["--method=at", "--max_train=320", "--max_test=100", "--epochs=3", "--bat
 # WRN-10-1 (BatchNorm: its batch statistics span every device and process) on mock CIFAR-10.
 WRN = ["--dataset=cifar10", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1",
        "--method=natural", "--epochs=1", "--attack_steps=1", "--lipschitz_steps=1",
-       "--batch_size=8", "--eval_batch_size=16", "--max_train=16", "--max_test=20", "--curve_size=8", "--lr=0.1",
-       "--noattack_unroll"]
+       "--batch_size=8", "--eval_batch_size=16", "--max_train=16", "--max_test=20",
+       "--curve_size=8", "--lr=0.1", "--noattack_unroll"]
 ACCURACIES = ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc")
 LIPSCHITZ = ("train_lipschitz", "test_lipschitz", "test_lipschitz_ascent")
 PEER_TIMEOUT = 5
