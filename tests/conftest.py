@@ -23,8 +23,8 @@ chex.set_n_cpu_devices(2)
 
 # The longest files first: with pytest-xdist's --dist=loadfile a worker takes a whole file, and a
 # long file taken last leaves the other worker idle at the end.
-FIRST = ("test_multiprocess.py", "test_notebook.py", "test_variants.py", "test_scale.py",
-         "test_reliability.py")
+FIRST = ("test_multiprocess.py", "test_multiprocess_batchnorm.py", "test_notebook.py",
+         "test_variants.py", "test_scale.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -62,6 +62,7 @@ def test_the_toy_method_runs_through_the_shared_step(toy):
 def test_the_toy_method_runs_through_a_run_and_the_report(toy, tmp_path):
     cfg = cfglib.RunConfig(
         data=cfglib.DataConfig("digits", max_train=96, max_test=32),
+        attack=cfglib.AttackConfig(steps=2),
         train=cfglib.TrainConfig(method="toy", hparams=(("gamma", 2.0),), epochs=1,
                                  batch_size=32),
         eval=cfglib.EvalConfig(batch_size=32, lipschitz_steps=1, curve_size=32))

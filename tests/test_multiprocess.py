@@ -1,7 +1,8 @@
 """Several JAX processes on this machine (gloo collectives over localhost) against one.
 
 Every run here is a subprocess: 2 processes x 2 CPU devices through experiments/launch_local.py,
-1 process x 4 devices and 1 process x 1 device through experiments/run.py.
+1 process x 1 device through experiments/run.py. (A BatchNorm net and the separation scan:
+test_multiprocess_batchnorm.py.)
 """
 
 import json
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from test_reliability import _flip_bytes_of_largest_file
 
@@ -27,11 +27,6 @@ CNN1 = ["--method=at", "--max_train=320", "--max_test=100", "--epochs=3", "--bat
         "--eval_batch_size=64", "--attack_steps=2", "--lipschitz_steps=2", "--curve_size=40",
         "--lr=0.3", "--checkpoint_every=4", "--log_every=1", "--noattack_unroll",
         "--eval_attacks=pgd,multitarget"]
-# WRN-10-1 (BatchNorm: its batch statistics span every device and process) on mock CIFAR-10.
-WRN = ["--dataset=cifar10", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1",
-       "--method=natural", "--epochs=1", "--attack_steps=1", "--lipschitz_steps=1",
-       "--batch_size=8", "--eval_batch_size=16", "--max_train=16", "--max_test=20",
-       "--curve_size=8", "--lr=0.1", "--noattack_unroll"]
 ACCURACIES = ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc")
 LIPSCHITZ = ("train_lipschitz", "test_lipschitz", "test_lipschitz_ascent")
 PEER_TIMEOUT = 5
@@ -97,15 +92,15 @@ def cnn1_two_processes(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cnn1_over_two_processes_equals_one_process_of_four_and_of_one_device(
-        cnn1_two_processes, tmp_path):
+def test_cnn1_over_two_processes_equals_one_process_of_one_device(cnn1_two_processes,
+                                                                  tmp_path):
+    # 2 processes x 2 devices against 1 device: equal numbers hold for the processes and the
+    # devices at once. (Devices alone, in one process: test_train.py, test_evaluation.)
     workdir, two, log = cnn1_two_processes
-    runs = one_process(CNN1, {4: tmp_path / "four", 1: tmp_path / "one"})
-    four, one = runs[4], runs[1]
+    one = one_process(CNN1, {1: tmp_path / "one"})[1]
     assert (two["num_processes"], two["num_devices"]) == (2, 4)
-    assert (four["num_processes"], four["num_devices"], one["num_devices"]) == (1, 4, 1)
+    assert (one["num_processes"], one["num_devices"]) == (1, 1)
     assert two["test_acc"] > 30  # the model learned: equal accuracies are not chance
-    assert_same_numbers(two, four)
     assert_same_numbers(two, one)
     # Every test point counted once: 100 points in batches of 64, split over the processes.
     assert two["examples"] == {"train": 320, "test": 100}
@@ -116,16 +111,6 @@ def test_cnn1_over_two_processes_equals_one_process_of_four_and_of_one_device(
                    for line in lines), [ln for ln in lines if ln.startswith("[1]")][:5]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
-
-
-@pytest.mark.slow
-def test_batchnorm_network_over_two_processes_equals_one_process(tmp_path):
-    # (Devices of one process against one device: test_train.py, in process.)
-    two, _ = two_processes(WRN, tmp_path / "two")
-    four = one_process(WRN, {4: tmp_path / "four"})[4]
-    assert (two["num_processes"], two["num_devices"]) == (2, 4)
-    assert two["examples"] == {"train": 16, "test": 20}  # 20 points in batches of 16
-    assert_same_numbers(two, four)
 
 
 @pytest.mark.slow
@@ -174,41 +159,3 @@ def test_sigkill_of_one_process_ends_the_other_and_a_relaunch_resumes(
     timing = {"train_seconds", "eval_seconds"}
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in uninterrupted.items() if k not in timing}
-
-
-@pytest.mark.slow
-def test_separation_over_two_processes_gives_the_single_process_arrays(tmp_path):
-    args = ["--dataset=digits", "--max_points=700", "--n_closest=3", "--save_arrays",
-            "--noprogress"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.launch_local", "--num_processes=2", "--",
-         "separation", *args, "--cpu_devices=2", f"--workdir={tmp_path / 'two'}"],
-        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.separation", *args, "--cpu_devices=1",
-         f"--workdir={tmp_path / 'one'}"],
-        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    two = np.load(tmp_path / "two" / "separation_arrays.npz")
-    one = np.load(tmp_path / "one" / "separation_arrays.npz")
-    assert sorted(two.files) == sorted(one.files)
-    for name in one.files:
-        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
-    assert (one["train_train_index"] >= 0).all()
-    assert (len(one["train_train_dist"]), len(one["test_train_dist"])) == (700, 360)
-    for name in ("separation.json", "separation_hist.png"):
-        assert os.path.exists(tmp_path / "two" / name)
-
-
-def test_process_flags_are_checked_in_one_line(tmp_path):
-    for extra, needle in [(["--num_processes=2"], "go together"),
-                          (["--coordinator_address=localhost", "--num_processes=2",
-                            "--process_id=0"], "host:port"),
-                          (["--coordinator_address=localhost:1", "--num_processes=2",
-                            "--process_id=2"], "--process_id must be in [0, 2)")]:
-        proc = subprocess.run([sys.executable, "-m", "experiments.run", "--epochs=1",
-                               f"--workdir={tmp_path}", *extra],
-                              capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert needle in proc.stderr

@@ -29,6 +29,7 @@ def test_the_snippet_loads_the_readme_commands_run():
 def test_the_readme_notebook_snippet_runs_verbatim(tmp_path, monkeypatch, capsys):
     cfg = cfglib.RunConfig(
         data=cfglib.DataConfig("digits", max_train=128, max_test=64),
+        attack=cfglib.AttackConfig(steps=2),  # short training attacks: quick compiles
         train=cfglib.TrainConfig(method="rst", hparams=(("lam", 2.0),), epochs=2,
                                  batch_size=32),
         eval=cfglib.EvalConfig(batch_size=64, lipschitz_steps=2, curve_size=64))

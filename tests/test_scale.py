@@ -56,10 +56,8 @@ def test_resize_shorter_side_then_center_crop_matches_pil():
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["--dataset=cifar10", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1", "--method=at"],
-    ["--dataset=svhn", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1", "--method=trades",
-     "--dropout=0.5"],
     # (A WRN on Restricted ImageNet's 64x64 crops: ResNet-50's compile alone took 90 s of the
-    # suite; test_models checks ResNet-50 itself.)
+    # suite; test_models checks ResNet-50 itself. SVHN's loader: test_data.py.)
     ["--dataset=restricted_imagenet", "--arch=wrn", "--wrn_depth=10", "--wrn_width=1",
      "--method=rst"],
 ])
