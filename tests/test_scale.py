@@ -56,8 +56,8 @@ def test_resize_shorter_side_then_center_crop_matches_pil():
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     # CNN1 on the paper's data: the data path is what is tested, in about half a WRN-10-1's
-    # time (26-27 s against 45-60 s alone). (A WRN through the binary on mock CIFAR-10: test_multiprocess_batchnorm.py;
-    # ResNet-50: test_models.py; SVHN's loader: test_data.py.)
+    # time (26-27 s against 45-60 s alone). A WRN through the binary on mock CIFAR-10:
+    # test_multiprocess_batchnorm.py; ResNet-50: test_models.py; SVHN's loader: test_data.py.
     ["--dataset=cifar10", "--arch=cnn1", "--method=at"],
     ["--dataset=restricted_imagenet", "--arch=cnn1", "--method=rst"],
 ])
