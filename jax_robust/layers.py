@@ -187,6 +187,17 @@ def _stride1_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     return None
 
 
+def _custom_or_xla_conv(custom: Callable | None, *args):
+    """`custom(lhs, rhs, pads)` when `args` (conv_general_dilated's, all 11 positional) are a
+    plain stride-1 conv (_stride1_pads), else `lax.conv_general_dilated(*args)`."""
+    pads = _stride1_pads(*args) if custom is not None else None
+    if pads is not None:
+        return custom(args[0], args[1], pads)
+    *head, precision, preferred_element_type = args
+    return jax.lax.conv_general_dilated(*head, precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+
 def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                      precision=None, preferred_element_type=None):
@@ -196,13 +207,10 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     pad within [0, kernel size). Same values; the input gradient differs from XLA's by float
     rounding only.
     """
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type)
-    pads = _stride1_pads(*args)
-    if pads is not None and rhs.shape[2] <= 4:
-        return _overlap_add_conv(lhs, rhs, pads)
-    return jax.lax.conv_general_dilated(*args[:9], precision=precision,
-                                        preferred_element_type=preferred_element_type)
+    return _custom_or_xla_conv(
+        _overlap_add_conv if rhs.shape[2] <= 4 else None, lhs, rhs, window_strides, padding,
+        lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
+        precision, preferred_element_type)
 
 
 def _column_taps_input_grad(g, w, pads, x_shape):
@@ -241,13 +249,10 @@ def column_taps_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     """`lax.conv_general_dilated`, with the input gradient of `_column_taps_input_grad` for a
     plain stride-1 NHWC/HWIO conv (else XLA's). The forward is XLA's conv, bit for bit; the
     input gradient differs from XLA's by float rounding only."""
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type)
-    pads = _stride1_pads(*args)
-    if pads is not None:
-        return _column_taps_conv(lhs, rhs, pads)
-    return jax.lax.conv_general_dilated(*args[:9], precision=precision,
-                                        preferred_element_type=preferred_element_type)
+    return _custom_or_xla_conv(
+        _column_taps_conv, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count, precision,
+        preferred_element_type)
 
 
 def first_conv_fn(grad: str) -> Callable | None:
