@@ -2,6 +2,7 @@
 
     python benchmarks/at_step.py                  # cnn1, cnn2, wrn-16-4; batch 128 (CPU: long)
     python benchmarks/at_step.py --models=cnn1,cnn2 --jax_variants=base,xlapool+xlaconv+biasfirst
+    python benchmarks/at_step.py --models=cnn1,cnn2 --jax_variants=base,xlakernels   # oneDNN
     python benchmarks/at_step.py --models=cnn1 --torch_modes=torch_nchw,torch_compile_nograd
     python benchmarks/at_step.py --models=wrn --wrn_depth=40 --wrn_width=10 --peak_tflops=495
     python benchmarks/at_step.py --models=wrn --wrn_depth=40 --wrn_width=10 --dtype=bfloat16 \
@@ -122,8 +123,8 @@ flags.DEFINE_bool("json", False, "also print one 'RESULT {json}' line per measur
 
 SHAPES = {"cnn1": (28, 28, 1), "cnn2": (28, 28, 1), "wrn": (32, 32, 3)}
 EPS = {"cnn1": 0.1, "cnn2": 0.1, "wrn": 8 / 255}
-IN_PROCESS_LEVERS = ("base,xlapool,xlaconv,biasfirst,flaxbn,xlapool+xlaconv+biasfirst+flaxbn,"
-                     "rolled,unsafe_rbg,rbg")
+IN_PROCESS_LEVERS = ("base,xlakernels,xlakernels+xlarows,xlapool,xlaconv,biasfirst,flaxbn,"
+                     "xlapool+xlaconv+biasfirst+flaxbn+xlakernels,rolled,unsafe_rbg,rbg")
 BEST = "base"
 
 
@@ -364,7 +365,7 @@ def main(argv):
     if FLAGS.ablation:
         return ablation()
     set_xla_flags()
-    bench_util.start_frameworks(torch=FLAGS.torch)
+    bench_util.start_frameworks(torch=FLAGS.torch, malloc=FLAGS.malloc)
     print(f"AT step: PGD-{FLAGS.pgd_steps} ({FLAGS.variant} modes) + SGD-momentum, batch "
           f"{FLAGS.batch}, {FLAGS.steps} steps per repetition, {FLAGS.repeats} repetitions; "
           f"wrn = WRN-{FLAGS.wrn_depth}-{FLAGS.wrn_width}; dtype {FLAGS.dtype} (JAX compute "

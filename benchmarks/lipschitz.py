@@ -237,7 +237,7 @@ def main(argv):
         from jax_robust.speed_flags import append_speed_flags
 
         append_speed_flags()
-    bench_util.start_frameworks(torch=FLAGS.torch)
+    bench_util.start_frameworks(torch=FLAGS.torch, malloc=FLAGS.malloc)
     print(f"lipschitz (descent, {FLAGS.steps} steps of 0.003, eps {FLAGS.eps}), batch "
           f"{FLAGS.batch}, {FLAGS.calls} batches per repetition, {FLAGS.repeats} repetitions; " + (
               f"PyTorch {'recomputes' if FLAGS.torch_recompute_fx else 'computes once'} f(x)"

@@ -126,7 +126,9 @@ def grid(base: cfglib.RunConfig) -> list[tuple[str, cfglib.RunConfig]]:
                         train=dataclasses.replace(base.train, method=method, variant=variant,
                                                   hparams=tuple(sorted(hp.items())),
                                                   seed=seed))
-                    cfg = recipes.resolve(cfg, "cpu")
+                    # Resolved for the cell's name and identity; the speed options are
+                    # left for each run to resolve on its own devices.
+                    cfg = dataclasses.replace(recipes.resolve(cfg, "cpu"), speed=cfg.speed)
                     tag = methods.get(method).format_tag(dict(cfg.train.hparams))
                     name = (f"{tag}-{variant}" + (f"-drop{dropout:g}" if dropout is not None
                                                   else "") + f"-seed{seed}")

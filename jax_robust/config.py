@@ -102,6 +102,10 @@ class SpeedConfig:
       conv_input_grad      'column_taps': layers.column_taps_conv (the CNNs' later convs take
                            their input gradient with the column taps stacked on the
                            channels); 'xla'
+      conv_kernels         'onednn': the CNNs' convs are oneDNN's (layers.onednn_conv: the
+                           forward and both gradients; a first conv keeps the overlap-add input
+                           gradient of first_conv_grad; conv_input_grad does not reach them;
+                           XLA:CPU, one device); 'xla': XLA's own
     """
 
     pool_grad: str | None = None
@@ -110,15 +114,17 @@ class SpeedConfig:
     conv_bias_after_pool: bool | None = None
     attack_unroll: bool | None = None
     conv_input_grad: str | None = None
+    conv_kernels: str | None = None
 
 
 SPEED_CHOICES = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
                  "channel_sums": ("dot", "reduce"), "conv_bias_after_pool": (True, False),
-                 "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla")}
+                 "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla"),
+                 "conv_kernels": ("onednn", "xla")}
 # The plain JAX forms: what a model computes when nobody chose otherwise (notebooks, GPU/TPU).
-PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False, "xla")
+PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False, "xla", "xla")
 # Every CPU lever on: measured faster on XLA:CPU (BUILD_NOTES.md, "Speed").
-CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True, "column_taps")
+CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True, "column_taps", "onednn")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,9 @@ in the backward pass, where XLA:CPU is slow when left to autodiff (measured in B
   column_taps_conv  the same for the later convs: the input gradient as a kh x 1
                     conv-transpose of the kw column taps stacked on the channels, then a
                     kw-tap overlap-add (zero padding on the rows only).
+  onednn_conv       a conv whose forward and both gradients are oneDNN's (jax_robust.onednn,
+                    XLA:CPU only), conv_kernels='onednn'; `onednn_small_input_conv` keeps
+                    small_input_conv's overlap-add input gradient for a first conv.
   sum_leading,      per-channel sums over [n, h, w] and the matching broadcast, each the
   broadcast_leading   other's gradient, as ones-vector dots ("dot") or XLA reduces ("reduce").
   BatchNorm         `nn.BatchNorm`'s variables and formulas on top of those sums.
@@ -165,24 +168,36 @@ def _conv_with_input_grad(input_grad: Callable) -> Callable:
 _overlap_add_conv = _conv_with_input_grad(_overlap_add_input_grad)
 
 
-def _stride1_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                  dimension_numbers, feature_group_count, batch_group_count, precision,
-                  preferred_element_type):
-    """The ((top, bottom), (left, right)) pads of a plain stride-1 NHWC/HWIO conv (no dilation,
-    groups, precision or output type; every pad within [0, kernel size)), else None."""
+def _plain_geometry(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                    preferred_element_type):
+    """(strides, ((top, bottom), (left, right))) of a plain NHWC/HWIO conv (no dilation,
+    groups, precision or output type; every pad >= 0), else None."""
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     fits = (lhs.ndim == 4
             and dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-            and tuple(window_strides) == (1, 1) and feature_group_count == 1
-            and batch_group_count == 1 and precision is None
+            and feature_group_count == 1 and batch_group_count == 1 and precision is None
             and preferred_element_type is None
             and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
     if not fits:
         return None
-    pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    strides = tuple(window_strides)
+    pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
             if isinstance(padding, str) else padding)
-    pads = tuple(tuple(p) for p in pads)
-    if all(0 <= p < k for pair, k in zip(pads, rhs.shape[:2]) for p in pair):
+    pads = tuple(tuple(int(p) for p in pair) for pair in pads)
+    if all(p >= 0 for pair in pads for p in pair):
+        return strides, pads
+    return None
+
+
+def _stride1_pads(*args):
+    """The pads of a plain stride-1 NHWC/HWIO conv (_plain_geometry) whose every pad is within
+    [0, kernel size), else None."""
+    geometry = _plain_geometry(*args)
+    if geometry is None or geometry[0] != (1, 1):
+        return None
+    pads, rhs = geometry[1], args[1]
+    if all(p < k for pair, k in zip(pads, rhs.shape[:2]) for p in pair):
         return pads
     return None
 
@@ -255,18 +270,84 @@ def column_taps_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
         preferred_element_type)
 
 
-def first_conv_fn(grad: str) -> Callable | None:
-    """`nn.Conv`'s conv_general_dilated for a first conv: grad 'overlap_add' or 'xla'."""
+def first_conv_fn(grad: str, kernels: str = "xla") -> Callable | None:
+    """`nn.Conv`'s conv_general_dilated for a first conv: grad 'overlap_add' or 'xla' (the
+    kernels' own input gradient); kernels 'xla' or 'onednn' (`onednn_conv`; with
+    'overlap_add', `onednn_small_input_conv`)."""
     if grad not in ("overlap_add", "xla"):
         raise ValueError(f"unknown first_conv_grad {grad!r}")
+    if kernels not in ("onednn", "xla"):
+        raise ValueError(f"unknown conv_kernels {kernels!r}")
+    if kernels == "onednn":
+        return onednn_small_input_conv if grad == "overlap_add" else onednn_conv
     return small_input_conv if grad == "overlap_add" else None
 
 
-def later_conv_fn(grad: str) -> Callable | None:
-    """`nn.Conv`'s conv_general_dilated for a conv after the first: grad 'column_taps' or
-    'xla'."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _onednn_overlap_add_conv(x, w, pads):
+    from jax_robust import onednn
+
+    return onednn.conv(x, w, (1, 1), pads)
+
+
+def _onednn_overlap_add_fwd(x, w, pads):
+    return _onednn_overlap_add_conv(x, w, pads), (x, w)
+
+
+def _onednn_overlap_add_bwd(pads, res, g):
+    from jax_robust import onednn
+
+    x, w = res
+    return (_overlap_add_input_grad(g, w, pads, x.shape),
+            onednn.kernel_grad(x, g, (1, 1), pads, w.shape))
+
+
+_onednn_overlap_add_conv.defvjp(_onednn_overlap_add_fwd, _onednn_overlap_add_bwd)
+
+
+def onednn_small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                            batch_group_count=1, precision=None, preferred_element_type=None):
+    """`small_input_conv`'s case (stride 1, at most 4 input channels) with oneDNN's forward
+    and kernel gradient and the overlap-add input gradient (measured faster than oneDNN's for
+    a one-channel input); any other conv is `onednn_conv`'s."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    pads = _stride1_pads(*args)
+    if (pads is not None and rhs.shape[2] <= 4 and lhs.dtype == rhs.dtype
+            and lhs.dtype in (jnp.float32, jnp.bfloat16)):
+        return _onednn_overlap_add_conv(lhs, rhs, pads)
+    return onednn_conv(*args)
+
+
+def onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` through oneDNN (jax_robust.onednn.conv: forward, input and
+    kernel gradients) for a plain NHWC/HWIO conv of float32 or bfloat16 operands of one dtype
+    (any strides, pads >= 0), else XLA's. Needs `onednn.available()`. The values differ from
+    XLA's by float rounding only (oneDNN sums in another order)."""
+    from jax_robust import onednn
+
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    geometry = _plain_geometry(*args)
+    if (geometry is not None and lhs.dtype == rhs.dtype
+            and lhs.dtype in (jnp.float32, jnp.bfloat16)):
+        return onednn.conv(lhs, rhs, *geometry)
+    return jax.lax.conv_general_dilated(*args[:9], precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+
+def later_conv_fn(grad: str, kernels: str = "xla") -> Callable | None:
+    """`nn.Conv`'s conv_general_dilated for a conv after the first: kernels 'onednn'
+    (`onednn_conv`, whatever grad says) or 'xla', and then grad 'column_taps' or 'xla'."""
+    if kernels not in ("onednn", "xla"):
+        raise ValueError(f"unknown conv_kernels {kernels!r}")
     if grad not in ("column_taps", "xla"):
         raise ValueError(f"unknown conv_input_grad {grad!r}")
+    if kernels == "onednn":
+        return onednn_conv
     return column_taps_conv if grad == "column_taps" else None
 
 
@@ -386,13 +467,15 @@ class ConvPool(nn.Module):
     pool_ties: str = "split"
     dtype: Any = jnp.float32
     conv_input_grad: str = "xla"  # SpeedConfig.conv_input_grad
+    conv_kernels: str = "xla"  # SpeedConfig.conv_kernels
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        conv = later_conv_fn(self.conv_input_grad) or jax.lax.conv_general_dilated
+        conv = (later_conv_fn(self.conv_input_grad, self.conv_kernels)
+                or jax.lax.conv_general_dilated)
         y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
         if self.bias_after_pool:
             return pool_2x2(y, self.pool_grad, self.pool_ties) + bias

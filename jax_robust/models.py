@@ -76,13 +76,15 @@ class CNN1(_CNN):
         c_in = x.shape[-1]
         x = nn.Conv(32, (3, 3), padding="VALID", kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(9 * c_in), dtype=self.dtype,
-                    conv_general_dilated=first_conv_fn(self.speed.first_conv_grad))(x)
+                    conv_general_dilated=first_conv_fn(self.speed.first_conv_grad,
+                                                         self.speed.conv_kernels))(x)
         x = nn.relu(x)
         # No ReLU after the second conv, as in the official net. Named as the nn.Conv it
         # replaces: the same parameter path, so the same initial values.
         x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
                      self.speed.conv_bias_after_pool, self.speed.pool_grad, self.pool_ties,
-                     self.dtype, self.speed.conv_input_grad, name="Conv_1")(x)
+                     self.dtype, self.speed.conv_input_grad, self.speed.conv_kernels,
+                     name="Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -97,8 +99,9 @@ class CNN2(_CNN):
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         for i, features in enumerate((32, 32, 64, 64)):
-            conv_fn = (first_conv_fn(self.speed.first_conv_grad) if i == 0
-                       else later_conv_fn(self.speed.conv_input_grad))
+            conv_fn = (first_conv_fn(self.speed.first_conv_grad, self.speed.conv_kernels)
+                       if i == 0
+                       else later_conv_fn(self.speed.conv_input_grad, self.speed.conv_kernels))
             x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=kaiming_normal_fan_in,
                         bias_init=nn.initializers.zeros, dtype=self.dtype,
                         conv_general_dilated=conv_fn)(x)

@@ -63,21 +63,47 @@ def recipe(dataset: str) -> Recipe:
     return RECIPES[dataset]
 
 
-def default_speed(backend: str) -> cfglib.SpeedConfig:
+def default_speed(backend: str, devices: int = 1, onednn: bool = True) -> cfglib.SpeedConfig:
     """Every measured CPU lever on XLA:CPU; the plain JAX forms on other backends (the levers
-    were measured on CPU only)."""
-    return cfglib.CPU_SPEED if backend == "cpu" else cfglib.PLAIN_SPEED
+    were measured on CPU only). oneDNN's convolutions only on a single CPU device where they
+    are `onednn` (available): their calls carry no sharding rule."""
+    if backend != "cpu":
+        return cfglib.PLAIN_SPEED
+    if devices == 1 and onednn:
+        return cfglib.CPU_SPEED
+    return dataclasses.replace(cfglib.CPU_SPEED, conv_kernels="xla")
+
+
+def resolve_speed(speed: cfglib.SpeedConfig, backend: str, devices: int = 1,
+                  onednn_missing: str | None = None) -> cfglib.SpeedConfig:
+    """`speed` with every None filled from default_speed. onednn_missing: why oneDNN's
+    convolutions cannot run here (jax_robust.onednn.unavailable_reason()), None when they can
+    or were not checked. Raises UserError where conv_kernels='onednn' was asked for and cannot
+    run: another backend, several devices, or the handler missing."""
+    default = default_speed(backend, devices, onednn_missing is None)
+    if speed.conv_kernels == "onednn":
+        if backend != "cpu":
+            raise UserError(f"conv_kernels=onednn runs on XLA:CPU only, not on {backend}")
+        if devices > 1:
+            raise UserError(f"conv_kernels=onednn runs on one CPU device; this run has "
+                            f"{devices} (use conv_kernels=xla)")
+        if onednn_missing is not None:
+            raise UserError(f"conv_kernels=onednn is unavailable here: {onednn_missing}")
+    return cfglib.SpeedConfig(**{f.name: _fill(getattr(speed, f.name), getattr(default, f.name))
+                                 for f in dataclasses.fields(speed)})
 
 
 def _fill(value, default):
     return default if value is None else value
 
 
-def resolve(cfg: cfglib.RunConfig, backend: str) -> cfglib.RunConfig:
+def resolve(cfg: cfglib.RunConfig, backend: str, *, devices: int = 1,
+            onednn_missing: str | None = None) -> cfglib.RunConfig:
     """`cfg` with every None setting replaced by the official one, checked; pure.
 
-    `backend` is the JAX backend the run will use ('cpu', 'gpu', 'tpu'): it picks the speed
-    defaults. Raises UserError on an unknown data set, method or hyperparameter.
+    `backend` ('cpu', 'gpu', 'tpu'), `devices` (how many the run uses) and `onednn_missing`
+    (resolve_speed) pick the speed defaults. Raises UserError on an unknown data set, method
+    or hyperparameter, or a speed option that cannot run there.
     """
     cfglib.validate(cfg)
     r = recipe(cfg.data.dataset)
@@ -93,10 +119,7 @@ def resolve(cfg: cfglib.RunConfig, backend: str) -> cfglib.RunConfig:
     else:
         lr = _fill(r.summed_lr, method.cifar_summed_lr) * batch
     eps = float(_fill(a.eps, r.eps))
-    speed = cfg.speed
-    default = default_speed(backend)
-    speed = cfglib.SpeedConfig(**{f.name: _fill(getattr(speed, f.name), getattr(default, f.name))
-                                  for f in dataclasses.fields(speed)})
+    speed = resolve_speed(cfg.speed, backend, devices, onednn_missing)
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, augment=_fill(cfg.data.augment, r.augment)),

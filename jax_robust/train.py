@@ -67,6 +67,16 @@ def objective_params(cfg: cfglib.RunConfig) -> ObjectiveParams:
                            hparams=cfg.train.hparams, unroll=cfg.speed.attack_unroll)
 
 
+def onednn_missing(backend: str) -> str | None:
+    """Why oneDNN's convolutions cannot run on `backend` here, or None when they can (builds
+    the handler on the first CPU call: jax_robust.onednn)."""
+    if backend != "cpu":
+        return f"they run on XLA:CPU only, not on {backend}"
+    from jax_robust import onednn
+
+    return None if onednn.available() else onednn.unavailable_reason()
+
+
 def build_model(cfg: cfglib.RunConfig, info: datalib.DatasetInfo):
     """The Flax module of a resolved config for data of `info`."""
     m = cfg.model
@@ -257,9 +267,10 @@ def train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *,
 
 def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop, eval_only,
                         dataset, mesh) -> dict:
-    cfg = recipes.resolve(cfg, jax.default_backend())
-    chex.clear_trace_counter()  # each step below may be traced once in this run
     mesh = make_mesh() if mesh is None else mesh
+    backend = jax.default_backend()
+    cfg = recipes.resolve(cfg, backend, devices=mesh.size, onednn_missing=onednn_missing(backend))
+    chex.clear_trace_counter()  # each step below may be traced once in this run
     t = cfg.train
     check_batch_size(t.batch_size, mesh.size, "batch size")
     check_batch_size(cfg.eval.batch_size, mesh.size, "eval batch size")
@@ -409,6 +420,13 @@ def load_run(workdir: str, *, log: Callable[[str], None] = print) -> LoadedRun:
     manager = ckpt.open_manager(directory, keep=1 << 30)
     meta = ckpt.newest_meta(manager)
     cfg = cfglib.from_dict(meta["config"])
+    # How to compute is this machine's choice (one device): the run's own speed options where
+    # they can run here, the defaults for the rest (older checkpoints lack some).
+    backend, missing = jax.default_backend(), onednn_missing(jax.default_backend())
+    speed = cfg.speed
+    if speed.conv_kernels == "onednn" and missing is not None:
+        speed = dataclasses.replace(speed, conv_kernels=None)
+    cfg = dataclasses.replace(cfg, speed=recipes.resolve_speed(speed, backend, 1, missing))
     if "data_info" in meta:
         info = datalib.DatasetInfo(**{**meta["data_info"],
                                       "image_shape": tuple(meta["data_info"]["image_shape"])})

@@ -56,6 +56,24 @@ def test_speed_defaults_depend_on_the_backend_and_a_given_option_wins():
     assert gpu.channel_sums == "reduce"
 
 
+def test_onednn_convs_only_where_they_can_run_and_asked_for_ones_are_refused_elsewhere():
+    plain = cfglib.RunConfig()
+    assert recipes.resolve(plain, "cpu").speed.conv_kernels == "onednn"
+    assert recipes.resolve(plain, "cpu", devices=2).speed.conv_kernels == "xla"
+    assert recipes.resolve(plain, "cpu", onednn_missing="no g++").speed.conv_kernels == "xla"
+    assert recipes.resolve(plain, "gpu").speed.conv_kernels == "xla"
+    asked = cfglib.RunConfig(speed=cfglib.SpeedConfig(conv_kernels="onednn"))
+    for kwargs, needle in (({"devices": 2}, "one CPU device; this run has 2"),
+                           ({"onednn_missing": "no g++"}, "unavailable here: no g++")):
+        with pytest.raises(UserError, match=needle):
+            recipes.resolve(asked, "cpu", **kwargs)
+    with pytest.raises(UserError, match="XLA:CPU only"):
+        recipes.resolve(asked, "gpu")
+    # The other CPU levers stay on where oneDNN cannot run.
+    two = recipes.resolve(plain, "cpu", devices=2).speed
+    assert dataclasses.replace(two, conv_kernels="onednn") == cfglib.CPU_SPEED
+
+
 def test_resolve_is_idempotent_complete_and_round_trips():
     for cfg in (resolved(method="gr"), resolved(method="rst", hparams=(("lam", 2.0),)),
                 resolved("gpu", dataset="svhn", method="at")):

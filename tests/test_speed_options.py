@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_robust import attacks, config, models
+from jax_robust import attacks, config, models, onednn
 
 RTOL = 1e-5
 
@@ -123,7 +123,8 @@ def cnn1(speed):
 
 
 # The options whose 'on' form is a custom VJP, and their plain form.
-CUSTOM_VJP_OPTIONS = {"pool_grad": "autodiff", "first_conv_grad": "xla", "conv_input_grad": "xla"}
+CUSTOM_VJP_OPTIONS = {"pool_grad": "autodiff", "first_conv_grad": "xla", "conv_input_grad": "xla",
+                      "conv_kernels": "xla"}
 
 
 @pytest.mark.slow
@@ -132,7 +133,7 @@ def test_cnn2_conv_input_grad_changes_the_program_not_the_values():
     overlap-add one); with the other custom VJPs off, one custom VJP per later conv."""
     def make(speed):
         speed = with_option(with_option(speed, "pool_grad", "autodiff"), "first_conv_grad", "xla")
-        return models.CNN2(dropout=0.5, speed=speed)
+        return models.CNN2(dropout=0.5, speed=with_option(speed, "conv_kernels", "xla"))
 
     texts = check_option_on_model(make, "conv_input_grad", "column_taps", "xla", (28, 28, 1),
                                   batch=4, train=True)
@@ -140,10 +141,35 @@ def test_cnn2_conv_input_grad_changes_the_program_not_the_values():
     assert text_on.count("custom_vjp_call") == 3 and "custom_vjp" not in text_off
 
 
+@pytest.mark.slow
+def test_cnn2_conv_kernels_change_the_program_not_the_values():
+    """CNN2's four convs through oneDNN: four custom VJPs calling the handler, and none in
+    the plain form; logits and every gradient agree with XLA's. Then with the CPU defaults
+    around it, where the first conv keeps the overlap-add input gradient."""
+    def make(speed):
+        for other, plain in CUSTOM_VJP_OPTIONS.items():
+            if other != "conv_kernels":
+                speed = with_option(speed, other, plain)
+        return models.CNN2(dropout=0.5, speed=speed)
+
+    texts = check_option_on_model(make, "conv_kernels", "onednn", "xla", (28, 28, 1),
+                                  batch=4, train=True)
+    text_on, text_off = texts["forward"]
+    assert text_on.count("custom_vjp_call") == 4 and "custom_vjp" not in text_off
+    assert onednn.TARGET in texts["grad"][0] and onednn.TARGET not in texts["grad"][1]
+    texts = check_option_on_model(lambda speed: models.CNN2(dropout=0.5, speed=speed),
+                                  "conv_kernels", "onednn", "xla", (28, 28, 1), batch=4,
+                                  train=True)
+    grad_on = texts["grad"][0]
+    assert grad_on.count("target_name=" + onednn.TARGET) == 11  # 4 forwards, 4 kernel grads,
+    # the 3 later convs' input gradients (the first conv's is the overlap-add one)
+
+
 @pytest.mark.parametrize("field,on,off,marker", [
     ("pool_grad", "corners", "autodiff", "custom_vjp"),
     ("first_conv_grad", "overlap_add", "xla", "custom_vjp"),
     ("conv_input_grad", "column_taps", "xla", "custom_vjp"),
+    ("conv_kernels", "onednn", "xla", "custom_vjp"),
     ("conv_bias_after_pool", True, False, None),
 ])
 def test_cnn1_options_change_the_program_not_the_values(field, on, off, marker):
@@ -224,7 +250,8 @@ def test_attack_unroll_changes_the_program_not_the_values():
 def test_every_speed_option_is_tested_with_its_choices():
     tested = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
               "conv_bias_after_pool": (True, False), "channel_sums": ("dot", "reduce"),
-              "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla")}
+              "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla"),
+              "conv_kernels": ("onednn", "xla")}
     assert tested == config.SPEED_CHOICES
     assert set(tested) == {f.name for f in dataclasses.fields(config.SpeedConfig)}
     # CPU_SPEED is every lever on, PLAIN_SPEED every one off.

@@ -1,0 +1,206 @@
+"""oneDNN's convolutions (jax_robust.onednn, SpeedConfig.conv_kernels='onednn') against a
+float64 NumPy brute force: the forward, the input gradient and the kernel gradient, over
+strides, asymmetric pads and kernel shapes, in float32 and bfloat16; and where
+layers.onednn_conv must leave a conv to XLA."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_robust import layers, onednn
+
+
+def test_the_handler_builds_and_loads_here():
+    # CI installs oneDNN and a compiler: a missing handler is a failure, not a skip.
+    assert onednn.available(), onednn.unavailable_reason()
+
+
+def padded(x, pads):
+    (top, bottom), (left, right) = pads
+    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
+def taps(shape, k_shape, strides, pads):
+    """(di, dj, rows, cols): each kernel tap and the padded-input slices it reads."""
+    _, h, w, _ = shape
+    kh, kw = k_shape[:2]
+    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+    wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+    for di in range(kh):
+        for dj in range(kw):
+            yield (di, dj, slice(di, di + (ho - 1) * strides[0] + 1, strides[0]),
+                   slice(dj, dj + (wo - 1) * strides[1] + 1, strides[1]))
+
+
+def numpy_conv(x, k, strides, pads):
+    xp = padded(x, pads)
+    out = 0.0
+    for di, dj, rows, cols in taps(x.shape, k.shape, strides, pads):
+        out = out + np.einsum("nhwi,io->nhwo", xp[:, rows, cols], k[di, dj])
+    return out
+
+
+def numpy_input_grad(g, k, strides, pads, x_shape):
+    (top, _), (left, _) = pads
+    dxp = np.zeros(padded(np.zeros(x_shape), pads).shape)
+    for di, dj, rows, cols in taps(x_shape, k.shape, strides, pads):
+        dxp[:, rows, cols] += np.einsum("nhwo,io->nhwi", g, k[di, dj])
+    return dxp[:, top:top + x_shape[1], left:left + x_shape[2]]
+
+
+def numpy_kernel_grad(x, g, strides, pads, k_shape):
+    xp = padded(x, pads)
+    dk = np.zeros(k_shape)
+    for di, dj, rows, cols in taps(x.shape, k_shape, strides, pads):
+        dk[di, dj] = np.einsum("nhwi,nhwo->io", xp[:, rows, cols], g)
+    return dk
+
+
+GEOMETRIES = [  # x shape, kernel shape, strides, pads
+    ((3, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((0, 0), (0, 0))),
+    ((3, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
+    ((2, 10, 8, 3), (3, 3, 3, 6), (2, 2), ((1, 1), (1, 1))),  # the WRN's downsampling
+    ((2, 9, 7, 3), (3, 2, 3, 4), (2, 1), ((0, 2), (1, 0))),   # asymmetric everything
+    ((2, 8, 8, 6), (1, 1, 6, 8), (2, 2), ((0, 0), (0, 0))),   # a 1x1 shortcut
+]
+
+
+@pytest.mark.parametrize("x_shape,k_shape,strides,pads", GEOMETRIES)
+def test_conv_and_both_gradients_against_brute_force(x_shape, k_shape, strides, pads):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    k = rng.standard_normal(k_shape).astype(np.float32)
+    y_shape = onednn.output_shape(x_shape, k_shape, strides, pads)
+    g = rng.standard_normal(y_shape).astype(np.float32)
+
+    @jax.jit
+    def run(x, k, g):
+        y, vjp = jax.vjp(lambda x, k: onednn.conv(x, k, strides, pads), x, k)
+        return (y, *vjp(g))
+
+    y, dx, dk = (np.asarray(a) for a in run(x, k, g))
+    x64, k64, g64 = (a.astype(np.float64) for a in (x, k, g))
+    for got, want in ((y, numpy_conv(x64, k64, strides, pads)),
+                      (dx, numpy_input_grad(g64, k64, strides, pads, x_shape)),
+                      (dk, numpy_kernel_grad(x64, g64, strides, pads, k_shape))):
+        assert got.shape == want.shape and np.abs(want).max() > 1.0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_bfloat16_operands_round_like_bfloat16():
+    """bf16 x and kernel (AMX or AVX-512 bf16 kernels where the CPU has them): within bf16's
+    rounding of the float64 result, and far from a wrong tap or scale."""
+    x_shape, k_shape, strides, pads = GEOMETRIES[1]
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal(onednn.output_shape(x_shape, k_shape, strides, pads)),
+                    jnp.bfloat16)
+
+    @jax.jit
+    def run(x, k, g):
+        y, vjp = jax.vjp(lambda x, k: onednn.conv(x, k, strides, pads), x, k)
+        return (y, *vjp(g))
+
+    outs = run(x, k, g)
+    assert all(a.dtype == jnp.bfloat16 for a in outs)
+    x64, k64, g64 = (np.asarray(a, np.float64) for a in (x, k, g))
+    wants = (numpy_conv(x64, k64, strides, pads),
+             numpy_input_grad(g64, k64, strides, pads, x_shape),
+             numpy_kernel_grad(x64, g64, strides, pads, k_shape))
+    for got, want in zip(outs, wants):
+        got = np.asarray(got, np.float64)
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 2 ** -7 * scale  # bf16 keeps 8 significant bits
+        assert np.abs(got - want).max() > 0  # really rounded: the bf16 path ran
+
+
+def test_vmap_over_a_leading_axis_equals_the_loop():
+    """The attacks vmap the model over restarts and targets: the batched calls must equal
+    one call per slice, gradients included."""
+    x_shape, k_shape, strides, pads = GEOMETRIES[2]
+    rng = np.random.default_rng(2)
+    xs = jnp.asarray(rng.standard_normal((3, *x_shape)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+
+    def loss(x, k):
+        return (onednn.conv(x, k, strides, pads) ** 2).sum()
+
+    batched = jax.jit(jax.vmap(jax.value_and_grad(loss, (0, 1)), (0, None)))(xs, k)
+    single = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    (values, (gxs, gk)) = batched
+    for r in range(3):
+        value, (gx, gk_r) = single(xs[r], k)
+        np.testing.assert_allclose(values[r], value, rtol=1e-6)
+        np.testing.assert_allclose(gxs[r], gx, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(gk[r], gk_r, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dilation", "groups", "negative pad", "float16",
+                                  "plain"])
+def test_onednn_conv_leaves_what_it_does_not_fit_to_xla(case):
+    x = jnp.ones((2, 8, 8, 4))
+    k = jnp.ones((3, 3, 4, 4))
+    kwargs = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)),
+              "dimension_numbers": layers.NHWC}
+    if case == "dilation":
+        kwargs["rhs_dilation"] = (2, 2)
+    elif case == "groups":
+        k, kwargs["feature_group_count"] = jnp.ones((3, 3, 2, 4)), 2
+    elif case == "negative pad":
+        kwargs["padding"] = ((-1, 0), (0, 0))
+    elif case == "float16":
+        x, k = x.astype(jnp.float16), k.astype(jnp.float16)
+    text = str(jax.make_jaxpr(lambda x, k: layers.onednn_conv(x, k, **kwargs))(x, k))
+    assert (onednn.TARGET in text) == (case == "plain")
+    want = jax.lax.conv_general_dilated(x, k, **kwargs)
+    np.testing.assert_allclose(layers.onednn_conv(x, k, **kwargs), want, rtol=1e-6)
+
+
+def test_a_damaged_cached_handler_is_rebuilt(tmp_path):
+    """A truncated .so in the cache (a crash mid-write elsewhere, a full disk) is not
+    trusted: the loader builds it again and the conv runs."""
+    env = {**os.environ, "JAX_ROBUST_CACHE": str(tmp_path)}
+    script = ("from jax_robust import onednn; import jax.numpy as jnp; "
+              "assert onednn.available(), onednn.unavailable_reason(); "
+              "print(float(onednn.conv(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), "
+              "(1, 1), ((0, 0), (0, 0)))[0, 0, 0, 0]))")
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert first.returncode == 0 and first.stdout.strip() == "9.0", first.stderr[-2000:]
+    (built,) = tmp_path.glob("onednn_conv-*.so")
+    built.write_bytes(built.read_bytes()[:1000])
+    again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 0 and again.stdout.strip() == "9.0", again.stderr[-2000:]
+    assert built.stat().st_size > 1000
+
+
+def test_second_order_gradients_match_xla():
+    """GR and LLR differentiate the input gradient w.r.t. the weights (double backprop): the
+    VJPs of the input and kernel gradients must be right too."""
+    x_shape, k_shape, strides, pads = GEOMETRIES[3]
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+
+    def xla(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=layers.NHWC)
+
+    def penalty(conv):
+        def fn(x, k):  # the norm of an input gradient, and of a kernel gradient
+            gx, gk = jax.grad(lambda x, k: jnp.tanh(conv(x, k, strides, pads)).sum(),
+                              (0, 1))(x, k)
+            return (gx ** 2).sum() + (gk ** 2).sum()
+        return jax.jit(jax.grad(fn, (0, 1)))
+
+    ours = penalty(onednn.conv)(x, k)
+    want = penalty(lambda x, k, s, p: xla(x, k))(x, k)
+    for a, b in zip(ours, want):
+        assert float(jnp.abs(b).max()) > 1.0
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
