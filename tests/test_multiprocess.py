@@ -26,7 +26,7 @@ MOCK = os.path.join(ROOT, "tests", "mock_tfds.py")
 CNN1 = ["--method=at", "--max_train=320", "--max_test=100", "--epochs=3", "--batch_size=32",
         "--eval_batch_size=64", "--attack_steps=2", "--lipschitz_steps=2", "--curve_size=40",
         "--lr=0.3", "--checkpoint_every=4", "--log_every=1", "--noattack_unroll",
-        "--eval_attacks=pgd,multitarget"]
+        "--eval_attacks=pgd,multitarget", "--conv_kernels=xla"]
 ACCURACIES = ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc")
 LIPSCHITZ = ("train_lipschitz", "test_lipschitz", "test_lipschitz_ascent")
 PEER_TIMEOUT = 5
