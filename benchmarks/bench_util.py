@@ -168,7 +168,10 @@ def print_peak(size: int, repeats: int) -> float:
 
 def flops_of(compiled, devices: int = 1) -> float:
     """FLOPs of one call of a compiled JAX function (XLA's cost analysis; 0 if unknown).
-    The analysis of a program partitioned over `devices` counts one device's share."""
+    The analysis of a program partitioned over `devices` counts one device's share. 0 for a
+    program with FFI calls (oneDNN's convolutions): the analysis counts none of their work."""
+    if "custom_call_target=\"jax_robust_onednn_conv\"" in compiled.as_text():
+        return 0.0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0)) * devices
@@ -218,8 +221,9 @@ class Row:
         """Lines on the FLOP counts and the achieved GFLOP/s of JAX and the best PyTorch mode
         (with `peak_tflops`, also the utilisation of that nominal peak)."""
         head = f"{self.model:<6} jax {self.what:<18}"
-        lines = [f"{head} FLOPs/img: analytic {self.flops / 1e6:.1f} M, XLA "
-                 f"{self.xla_flops / 1e6:.1f} M (XLA/analytic {self.xla_flops / self.flops:.3f})"]
+        xla = (f"{self.xla_flops / 1e6:.1f} M (XLA/analytic {self.xla_flops / self.flops:.3f})"
+               if self.xla_flops else "n/a (FFI calls are not analysed)")
+        lines = [f"{head} FLOPs/img: analytic {self.flops / 1e6:.1f} M, XLA {xla}"]
         sides = [("jax " + self.what, self.jax)]
         if self.torch:
             best, best_rate = self.best()
@@ -237,7 +241,7 @@ class Row:
         best, best_rate = self.best()
         return {"model": self.model, "variant": self.what, "jax": self.jax, "torch": best_rate,
                 "best_torch": best, "ratio": self.ratio(), "torch_modes": self.torch,
-                "flops_analytic": self.flops, "flops_xla": self.xla_flops,
+                "flops_analytic": self.flops, "flops_xla": self.xla_flops or None,
                 "peak_gflops": self.peak, "jax_gflops": self.gflops(self.jax),
                 "best_torch_gflops": self.gflops(best_rate)}
 
@@ -255,7 +259,9 @@ def summary(rows: list[Row]) -> str:
         cells = [row.model, row.what, f"{row.jax:.1f}"]
         cells += [f"{row.torch[m]:.1f}" if m in row.torch else "n/a" for m in modes]
         cells += [best or "n/a", f"{row.ratio():.2f}" if row.torch else "n/a",
-                  f"{row.flops / 1e6:.1f} ({row.xla_flops / 1e6:.1f})", row.achieved(row.jax),
+                  f"{row.flops / 1e6:.1f} ("
+                  + (f"{row.xla_flops / 1e6:.1f})" if row.xla_flops else "n/a)"),
+                  row.achieved(row.jax),
                   row.achieved(best_rate) if row.torch else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -269,7 +269,10 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                         dataset, mesh) -> dict:
     mesh = make_mesh() if mesh is None else mesh
     backend = jax.default_backend()
-    cfg = recipes.resolve(cfg, backend, devices=mesh.size, onednn_missing=onednn_missing(backend))
+    missing = onednn_missing(backend)
+    if backend == "cpu" and missing and cfg.speed.conv_kernels is None and mesh.size == 1:
+        log(f"note: oneDNN's convolutions are unavailable ({missing}); XLA's run instead")
+    cfg = recipes.resolve(cfg, backend, devices=mesh.size, onednn_missing=missing)
     chex.clear_trace_counter()  # each step below may be traced once in this run
     t = cfg.train
     check_batch_size(t.batch_size, mesh.size, "batch size")

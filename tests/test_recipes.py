@@ -60,11 +60,11 @@ def test_onednn_convs_only_where_they_can_run_and_asked_for_ones_are_refused_els
     plain = cfglib.RunConfig()
     assert recipes.resolve(plain, "cpu").speed.conv_kernels == "onednn"
     assert recipes.resolve(plain, "cpu", devices=2).speed.conv_kernels == "xla"
-    assert recipes.resolve(plain, "cpu", onednn_missing="no g++").speed.conv_kernels == "xla"
+    assert recipes.resolve(plain, "cpu", onednn_missing="no compiler").speed.conv_kernels == "xla"
     assert recipes.resolve(plain, "gpu").speed.conv_kernels == "xla"
     asked = cfglib.RunConfig(speed=cfglib.SpeedConfig(conv_kernels="onednn"))
     for kwargs, needle in (({"devices": 2}, "one CPU device; this run has 2"),
-                           ({"onednn_missing": "no g++"}, "unavailable here: no g++")):
+                           ({"onednn_missing": "no compiler"}, "unavailable here: no compiler")):
         with pytest.raises(UserError, match=needle):
             recipes.resolve(asked, "cpu", **kwargs)
     with pytest.raises(UserError, match="XLA:CPU only"):

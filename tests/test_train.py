@@ -202,3 +202,22 @@ def test_train_eval_subset_is_fixed_sorted_and_capped():
     assert len(a) == 30 and len(set(a)) == 30 and list(a) == sorted(a) and a.max() < 100
     np.testing.assert_array_equal(train.eval_subset(10, None), np.arange(10))
     np.testing.assert_array_equal(train.eval_subset(10, 50), np.arange(10))
+
+
+@pytest.mark.slow
+def test_without_onednn_a_cpu_run_says_so_and_runs_xlas_convolutions(tmp_path, monkeypatch):
+    """No compiler or no oneDNN on a user's machine: the default falls back with one note,
+    and the run records what it computed with; asked for explicitly, it is refused."""
+    monkeypatch.setattr(train, "onednn_missing", lambda backend: "no g++ here")
+    natural = dataclasses.replace(
+        SMALL, train=dataclasses.replace(SMALL.train, method="natural", epochs=1),
+        eval=cfglib.EvalConfig(batch_size=32, lipschitz_steps=1, curve_size=32))
+    messages = []
+    one = pipeline.make_mesh(jax.devices()[:1])  # oneDNN's default needs a single device
+    result = train.train_and_evaluate(natural, str(tmp_path / "a"), log=messages.append,
+                                      mesh=one)
+    assert any("oneDNN's convolutions are unavailable (no g++ here)" in m for m in messages)
+    assert result["config"]["speed"]["conv_kernels"] == "xla"
+    asked = dataclasses.replace(natural, speed=cfglib.SpeedConfig(conv_kernels="onednn"))
+    with pytest.raises(train.UserError, match=r"unavailable here: no g\+\+ here"):
+        train.train_and_evaluate(asked, str(tmp_path / "b"), log=messages.append, mesh=one)
