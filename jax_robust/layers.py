@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_robust import onednn
+
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -285,8 +287,6 @@ def first_conv_fn(grad: str, kernels: str = "xla") -> Callable | None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _onednn_overlap_add_conv(x, w, pads):
-    from jax_robust import onednn
-
     return onednn.conv(x, w, (1, 1), pads)
 
 
@@ -295,8 +295,6 @@ def _onednn_overlap_add_fwd(x, w, pads):
 
 
 def _onednn_overlap_add_bwd(pads, res, g):
-    from jax_robust import onednn
-
     x, w = res
     return (_overlap_add_input_grad(g, w, pads, x.shape),
             onednn.kernel_grad(x, g, (1, 1), pads, w.shape))
@@ -327,8 +325,6 @@ def onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     kernel gradients) for a plain NHWC/HWIO conv of float32 or bfloat16 operands of one dtype
     (any strides, pads >= 0), else XLA's. Needs `onednn.available()`. The values differ from
     XLA's by float rounding only (oneDNN sums in another order)."""
-    from jax_robust import onednn
-
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
     geometry = _plain_geometry(*args)
