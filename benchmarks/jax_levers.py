@@ -16,9 +16,9 @@ the library on (jax_robust/layers.py, models.py). Each speed lever takes one
   xlarows     conv_input_grad='xla': the CNNs' later convs' input gradients left to XLA (the
               library's `layers.column_taps_conv`: a kh x 1 conv-transpose of the stacked
               column taps, then an overlap-add)
-  xlakernels  conv_kernels='xla': the CNNs' later convs are XLA's (the library's: oneDNN's
-              forward, input and kernel gradients through an FFI call, layers.onednn_conv);
-              with it, xlarows is the column-taps lever again
+  xlakernels  conv_kernels='xla': every conv is XLA's (the library's: oneDNN's forward, input
+              and kernel gradients through an FFI call, layers.onednn_conv); with it, xlarows
+              is the column-taps lever again
 and the PRNG implementation of every key made while the variant is built (the step's key, so
 its dropout masks and random starts), set with `jax.config.update('jax_default_prng_impl',
 ...)` by `prng(variant)` and put back when it exits:
@@ -66,7 +66,7 @@ LEVERS = tuple(SPEED_LEVERS) + tuple(PRNG_LEVERS)
 BASE = config.CPU_SPEED
 # The archs a lever reaches (absent: every arch).
 ONLY = {"xlapool": ("cnn1", "cnn2"), "xlaconv": ("cnn1", "cnn2"), "xlarows": ("cnn1", "cnn2"),
-        "xlakernels": ("cnn1", "cnn2"), "biasfirst": ("cnn1",),
+        "biasfirst": ("cnn1",),
         "flaxbn": ("wrn", "resnet50")}
 
 for _lever, (_field, _value) in SPEED_LEVERS.items():  # each lever is a plain form

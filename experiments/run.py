@@ -84,9 +84,9 @@ SPEED_FLAGS = {
     "conv_input_grad": flags.DEFINE_string("conv_input_grad", None, "speed: the CNNs' later "
                                            "convs' input gradient, column_taps or xla "
                                            "(default: column_taps on CPU)"),
-    "conv_kernels": flags.DEFINE_string("conv_kernels", None, "speed: the CNNs' later convs "
-                                        "through onednn or xla (default: onednn on one CPU "
-                                        "device where it builds)"),
+    "conv_kernels": flags.DEFINE_string("conv_kernels", None, "speed: every conv through "
+                                        "onednn or xla (default: onednn on one CPU device "
+                                        "where it builds)"),
 }
 flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (default: "
                     "runs/<dataset>_<arch>_<method tag>_<variant>_seed<seed>)")

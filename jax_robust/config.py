@@ -102,10 +102,10 @@ class SpeedConfig:
       conv_input_grad      'column_taps': layers.column_taps_conv (the CNNs' later convs take
                            their input gradient with the column taps stacked on the
                            channels); 'xla'
-      conv_kernels         'onednn': the CNNs' convs are oneDNN's (layers.onednn_conv: the
-                           forward and both gradients; a first conv keeps the overlap-add input
-                           gradient of first_conv_grad; conv_input_grad does not reach them;
-                           XLA:CPU, one device); 'xla': XLA's own
+      conv_kernels         'onednn': every conv of the models is oneDNN's (layers.onednn_conv:
+                           the forward and both gradients; the CNNs' first conv keeps the
+                           overlap-add input gradient of first_conv_grad, and conv_input_grad
+                           does not reach the others; XLA:CPU, one device); 'xla': XLA's own
     """
 
     pool_grad: str | None = None

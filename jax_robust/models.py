@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from jax_robust.config import PLAIN_SPEED, SpeedConfig
 from jax_robust.errors import UserError
-from jax_robust.layers import BatchNorm, ConvPool, first_conv_fn, later_conv_fn, pool_2x2
+from jax_robust.layers import (BatchNorm, ConvPool, first_conv_fn, later_conv_fn, onednn_conv,
+                               pool_2x2)
 
 # PyTorch's default Linear/Conv init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -122,11 +123,12 @@ def _batch_norm(train: bool, dtype, speed: SpeedConfig) -> BatchNorm:
                      channel_sums=speed.channel_sums)
 
 
-def _conv(features, kernel, stride=1, pad=None, dtype=jnp.float32, name=None):
-    pad = kernel // 2 if pad is None else pad
+def _conv(features, kernel, stride, pad, dtype, speed: SpeedConfig):
+    """A bias-free square conv of the residual nets; speed.conv_kernels picks its kernels."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                   kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
+                   kernel_init=kaiming_normal_fan_out, dtype=dtype,
+                   conv_general_dilated=onednn_conv if speed.conv_kernels == "onednn" else None)
 
 
 class _Block(nn.Module):
@@ -149,12 +151,13 @@ class WRNBlock(_Block):
     def __call__(self, x, train: bool):
         equal = x.shape[-1] == self.features
         act = nn.relu(self.norm(x, train))
-        shortcut = x if equal else _conv(self.features, 1, self.stride, 0, self.dtype)(act)
-        y = _conv(self.features, 3, self.stride, 1, self.dtype)(act)
+        shortcut = (x if equal else
+                    _conv(self.features, 1, self.stride, 0, self.dtype, self.speed)(act))
+        y = _conv(self.features, 3, self.stride, 1, self.dtype, self.speed)(act)
         y = nn.relu(self.norm(y, train))
         if self.dropout > 0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = _conv(self.features, 3, 1, 1, self.dtype)(y)
+        y = _conv(self.features, 3, 1, 1, self.dtype, self.speed)(y)
         return shortcut + y
 
 
@@ -171,7 +174,7 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         n = (self.depth - 4) // 6
-        x = _conv(16, 3, 1, 1, self.dtype)(x.astype(self.dtype))
+        x = _conv(16, 3, 1, 1, self.dtype, self.speed)(x.astype(self.dtype))
         for group, stride in enumerate((1, 2, 2)):
             for i in range(n):
                 x = WRNBlock(16 * self.width * 2**group, stride if i == 0 else 1,
@@ -188,14 +191,15 @@ class Bottleneck(_Block):
     @nn.compact
     def __call__(self, x, train: bool):
         out_features = 4 * self.features
-        y = nn.relu(self.norm(_conv(self.features, 1, 1, 0, self.dtype)(x), train))
-        y = _conv(self.features, 3, self.stride, 1, self.dtype)(y)
+        y = nn.relu(self.norm(_conv(self.features, 1, 1, 0, self.dtype, self.speed)(x), train))
+        y = _conv(self.features, 3, self.stride, 1, self.dtype, self.speed)(y)
         y = nn.relu(self.norm(y, train))
         if self.dropout > 0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = self.norm(_conv(out_features, 1, 1, 0, self.dtype)(y), train)
+        y = self.norm(_conv(out_features, 1, 1, 0, self.dtype, self.speed)(y), train)
         if self.stride != 1 or x.shape[-1] != out_features:
-            x = self.norm(_conv(out_features, 1, self.stride, 0, self.dtype)(x), train)
+            x = self.norm(_conv(out_features, 1, self.stride, 0, self.dtype, self.speed)(x),
+                          train)
         return nn.relu(x + y)
 
 
@@ -210,7 +214,7 @@ class ResNet50(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = _conv(64, 7, 2, 3, self.dtype)(x.astype(self.dtype))
+        x = _conv(64, 7, 2, 3, self.dtype, self.speed)(x.astype(self.dtype))
         x = nn.relu(_batch_norm(train, self.dtype, self.speed)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):

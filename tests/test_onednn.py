@@ -67,6 +67,7 @@ GEOMETRIES = [  # x shape, kernel shape, strides, pads
     ((2, 10, 8, 3), (3, 3, 3, 6), (2, 2), ((1, 1), (1, 1))),  # the WRN's downsampling
     ((2, 9, 7, 3), (3, 2, 3, 4), (2, 1), ((0, 2), (1, 0))),   # asymmetric everything
     ((2, 8, 8, 6), (1, 1, 6, 8), (2, 2), ((0, 0), (0, 0))),   # a 1x1 shortcut
+    ((2, 13, 13, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),  # ResNet-50's stem
 ]
 
 

@@ -165,6 +165,23 @@ def test_cnn2_conv_kernels_change_the_program_not_the_values():
     # the 3 later convs' input gradients (the first conv's is the overlap-add one)
 
 
+@pytest.mark.slow
+def test_wrn_conv_kernels_change_the_program_not_the_values():
+    """WRN-10-1 in train mode (BatchNorm batch statistics): its 3x3 convs, the stride-2 ones
+    and the 1x1 shortcuts through oneDNN against XLA's. Gradient floor as for channel_sums:
+    the batch-statistics backward amplifies float rounding."""
+    def make(speed):
+        return models.WideResNet(depth=10, width=1, dropout=0.0, speed=speed)
+
+    texts = check_option_on_model(make, "conv_kernels", "onednn", "xla", (16, 16, 3), batch=4,
+                                  train=True, grad_floor=1e-4)
+    grad_on, grad_off = texts["grad"]
+    # 9 convs (the stem, 3 blocks of 2, 2 shortcuts), each a forward, a kernel gradient and
+    # an input gradient (the loss's gradient w.r.t. x is taken too).
+    assert grad_on.count("target_name=" + onednn.TARGET) == 27
+    assert onednn.TARGET not in grad_off
+
+
 @pytest.mark.parametrize("field,on,off,marker", [
     ("pool_grad", "corners", "autodiff", "custom_vjp"),
     ("first_conv_grad", "overlap_add", "xla", "custom_vjp"),
