@@ -205,3 +205,26 @@ def test_second_order_gradients_match_xla():
     for a, b in zip(ours, want):
         assert float(jnp.abs(b).max()) > 1.0
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+def test_a_nan_stays_a_nan_in_bfloat16_kernel_gradients():
+    """The handler sums the parts' kernel gradients in float32 and rounds them to bf16 itself:
+    a NaN must not round to an infinity (nor vanish), so a run's NaN check still sees it."""
+    x = np.ones((4, 5, 5, 2), np.float32)
+    x[1, 2, 2, 0] = np.nan
+    g = np.ones((4, 3, 3, 3), np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        dk = onednn.kernel_grad(jnp.asarray(x, dtype), jnp.asarray(g, dtype), (1, 1),
+                                ((0, 0), (0, 0)), (3, 3, 2, 3))
+        dk = np.asarray(dk, np.float32)
+        assert np.isnan(dk[:, :, 0]).all() and not np.isinf(dk).any()
+        np.testing.assert_array_equal(dk[:, :, 1], 36.0)  # 4 images x 3 x 3 outputs
+
+
+def test_shapes_that_do_not_make_a_convolution_are_refused_not_written():
+    """A forward whose declared output is not the conv's shape fails in oneDNN's checks with
+    the handler's message; nothing is computed into a wrongly sized buffer."""
+    x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    bad = jax.ShapeDtypeStruct((2, 5, 5, 4), jnp.float32)  # VALID gives 4x4
+    with pytest.raises(Exception, match="onednn_conv"):
+        jax.block_until_ready(onednn._call(0, x, k, bad, (1, 1), ((0, 0), (0, 0))))

@@ -20,6 +20,7 @@
 // cached; scratchpads are per call, so concurrent calls are safe.
 
 #include <algorithm>
+#include <exception>
 #include <array>
 #include <atomic>
 #include <condition_variable>
@@ -260,7 +261,7 @@ void Work(const std::shared_ptr<Job>& job) {
     std::string error;
     try {
       RunPart(*job, p);
-    } catch (const dnnl::error& err) {
+    } catch (const std::exception& err) {  // oneDNN's errors, a failed allocation
       error = err.what();
     }
     std::lock_guard<std::mutex> guard(job->lock);
@@ -315,7 +316,7 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
       e->kernel_reorder.execute(stream, user, inner);
       stream.wait();
     }
-  } catch (const dnnl::error& err) {
+  } catch (const std::exception& err) {
     return ffi::Error::Internal(std::string("onednn_conv: ") + err.what());
   }
   for (int64_t t = 1; t < job->parts; ++t) pool.Schedule([job] { Work(job); });
@@ -336,10 +337,12 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
       std::memcpy(pc, sum, count * sizeof(float));
     } else {
       uint16_t* out = reinterpret_cast<uint16_t*>(pc);
-      for (size_t i = 0; i < count; ++i) {  // round to nearest even (finite values)
+      for (size_t i = 0; i < count; ++i) {  // round to nearest even; a NaN stays a NaN
         uint32_t bits;
         std::memcpy(&bits, &sum[i], 4);
-        out[i] = uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+        out[i] = (bits & 0x7FFFFFFF) > 0x7F800000
+                     ? uint16_t((bits >> 16) | 0x40)
+                     : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
       }
     }
   }
