@@ -112,6 +112,15 @@ Shapes Roles(int64_t kind, const memory::dims& a, const memory::dims& b, const m
   return {a, b, c, ta, tb, tc};
 }
 
+// Stores the primitive of `pd` and what running it needs: its kernel layout, its scratchpad.
+template <typename Primitive, typename PrimitiveDesc>
+void Keep(Entry& entry, const PrimitiveDesc& pd, const memory::desc& kernel) {
+  entry.conv = Primitive(pd);
+  entry.kernel_inner = kernel;
+  entry.scratch_md = pd.scratchpad_desc();
+  entry.impl = pd.impl_info_str();
+}
+
 std::unique_ptr<Entry> Build(int64_t kind, const Shapes& s, const std::array<int64_t, 6>& geo) {
   SingleThreaded one;  // implementations pick their work split for the threads they will get
   auto& eng = Engine();
@@ -133,26 +142,17 @@ std::unique_ptr<Entry> Build(int64_t kind, const Shapes& s, const std::array<int
     auto pd = dnnl::convolution_forward::primitive_desc(
         eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
         Activation(s.x, s.tx), kernel_any, Activation(s.y, s.ty), strides, pad_l, pad_r, attr);
-    entry->conv = dnnl::convolution_forward(pd);
-    entry->kernel_inner = pd.weights_desc();
-    entry->scratch_md = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
+    Keep<dnnl::convolution_forward>(*entry, pd, pd.weights_desc());
   } else if (kind == 1) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, Activation(s.x, s.tx), kernel_any,
         Activation(s.y, s.ty), strides, pad_l, pad_r, fwd, attr);
-    entry->conv = dnnl::convolution_backward_data(pd);
-    entry->kernel_inner = pd.weights_desc();
-    entry->scratch_md = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
+    Keep<dnnl::convolution_backward_data>(*entry, pd, pd.weights_desc());
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, Activation(s.x, s.tx), kernel_any,
         Activation(s.y, s.ty), strides, pad_l, pad_r, fwd, attr);
-    entry->conv = dnnl::convolution_backward_weights(pd);
-    entry->kernel_inner = pd.diff_weights_desc();
-    entry->scratch_md = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
+    Keep<dnnl::convolution_backward_weights>(*entry, pd, pd.diff_weights_desc());
   }
   entry->kernel_user = memory::desc(KernelDims(s.k), tk, memory::format_tag::hwio);
   entry->reorder = entry->kernel_inner != entry->kernel_user;
