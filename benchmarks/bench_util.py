@@ -54,28 +54,14 @@ def others_share(before, after, seconds: float) -> str:
     return f"{max(busy, 0) / ticks / seconds:.2f} cores"
 
 
-# glibc's malloc, set for the whole process before either framework allocates: blocks up to
-# 32 MB from the heap (not a fresh mmap each, whose pages fault in anew) and a 256 MB trim
-# threshold. By default glibc moves its mmap threshold up as mmapped blocks are freed, so one
-# framework's allocations change the other's page faults: PyTorch's CNN2 step ran 20-30%
-# slower after the JAX step with oneDNN's convolutions than after XLA's, and 10-15% faster
-# with this setting than by default (BUILD_NOTES.md, session 9). Fixed, neither framework's
-# speed depends on what the other freed before it.
-FIXED_MALLOC = {"M_TRIM_THRESHOLD": (-1, 256 << 20), "M_MMAP_THRESHOLD": (-3, 32 << 20)}
-
-
 def fix_malloc() -> str:
-    """Sets FIXED_MALLOC with mallopt (glibc only); returns a description for the header."""
-    import ctypes
+    """jax_robust.speed_flags.fix_malloc, for both frameworks of a benchmark process: with
+    glibc's moving defaults, PyTorch's CNN2 step ran 20-30% slower after the JAX step with
+    oneDNN's convolutions than after XLA's (BUILD_NOTES.md, session 9). Fixed, neither
+    framework's speed depends on what the other freed before it."""
+    from jax_robust.speed_flags import fix_malloc as fix
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(code, value) == 1 for code, value in FIXED_MALLOC.values())
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        return "malloc: glibc's defaults (mallopt unavailable)"
-    return "malloc: " + ", ".join(f"{k}={v >> 20} MB" for k, (_, v) in FIXED_MALLOC.items())
+    return fix()
 
 
 def start_frameworks(torch: bool = True, malloc: str = "fixed") -> None:
@@ -284,5 +270,5 @@ def define_torch_and_peak_flags() -> None:
     flags.DEFINE_integer("peak_repeats", 3, "timed matmuls of the peak measurement (best "
                          "reported)")
     flags.DEFINE_enum("malloc", "fixed", ["fixed", "glibc"], "glibc malloc's thresholds for "
-                      "the process: fixed (bench_util.FIXED_MALLOC, the same for both "
+                      "the process: fixed (speed_flags.FIXED_MALLOC, the same for both "
                       "frameworks) or glibc's moving defaults")

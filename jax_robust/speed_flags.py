@@ -15,6 +15,7 @@ Flags (measured in BUILD_NOTES.md):
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 CPU_SPEED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce",)
@@ -43,3 +44,29 @@ def one_host_device_per_core() -> None:
                  else os.cpu_count() or 1)
         os.environ["XLA_FLAGS"] = (f"{flags_now} --xla_force_host_platform_device_count="
                                    f"{cores}").strip()
+
+
+# glibc's malloc thresholds for a process of this project: blocks up to 32 MB from the heap
+# (not a fresh mmap each, whose pages fault in anew at every step) and a 256 MB trim
+# threshold. glibc's defaults move the mmap threshold up as mmapped blocks are freed, so the
+# page faults a step takes depend on what was freed before it. Measured (BUILD_NOTES.md,
+# session 9): the benchmarks' JAX AT step +3-9%; PyTorch timed in the same process 10-15%
+# faster and no longer dependent on the JAX program beside it. The benchmarks set it; the
+# binaries do not (a digits and a Fashion-MNIST run trained in the same seconds either way).
+FIXED_MALLOC = {"M_TRIM_THRESHOLD": (-1, 256 << 20), "M_MMAP_THRESHOLD": (-3, 32 << 20)}
+
+
+def fix_malloc() -> str:
+    """Sets FIXED_MALLOC with glibc's mallopt for this process, unless JAX_ROBUST_MALLOC=glibc
+    or the user set a MALLOC_*_ variable; returns what malloc runs with, for a log line."""
+    if os.environ.get("JAX_ROBUST_MALLOC") == "glibc" or any(
+            k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        return "malloc: glibc's defaults or the environment's"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(code, value) == 1 for code, value in FIXED_MALLOC.values())
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "malloc: glibc's defaults (mallopt unavailable)"
+    return "malloc: " + ", ".join(f"{k}={v >> 20} MB" for k, (_, v) in FIXED_MALLOC.items())
