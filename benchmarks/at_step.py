@@ -289,8 +289,7 @@ def measure(arch, peak):
             result or build_step(arch, variant, x, y), FLAGS.steps)
         runners["jax " + variant] = run
         print(f"{arch:<6} jax {variant:<18} compile {jax_compile_s[variant]:6.1f} s, "
-              + (f"{flops[variant] / 1e9:.1f} GFLOP/step (XLA cost analysis)" if flops[variant]
-                 else "FLOPs n/a (XLA's cost analysis does not see FFI calls)"))
+              + bench_util.cost_analysis_text(flops[variant], "step", 1))
     for _ in range(FLAGS.warmup):
         for run in runners.values():
             run()

@@ -54,20 +54,15 @@ def others_share(before, after, seconds: float) -> str:
     return f"{max(busy, 0) / ticks / seconds:.2f} cores"
 
 
-def fix_malloc() -> str:
-    """jax_robust.speed_flags.fix_malloc, for both frameworks of a benchmark process: with
-    glibc's moving defaults, PyTorch's CNN2 step ran 20-30% slower after the JAX step with
-    oneDNN's convolutions than after XLA's (BUILD_NOTES.md, session 9). Fixed, neither
-    framework's speed depends on what the other freed before it."""
-    from jax_robust.speed_flags import fix_malloc as fix
-
-    return fix()
-
-
 def start_frameworks(torch: bool = True, malloc: str = "fixed") -> None:
     """Fixes malloc's thresholds (`malloc`: 'fixed', or 'glibc' for its moving defaults),
     imports JAX and, with `torch`, PyTorch (after XLA_FLAGS are final), gives PyTorch every
-    core and cuDNN autotuning (GPU: fixed shapes), and prints the machine header."""
+    core and cuDNN autotuning (GPU: fixed shapes), and prints the machine header. Fixed, the
+    same for both frameworks, neither one's speed depends on what the other freed before it:
+    with glibc's moving defaults PyTorch ran about 17% slower after the JAX step with oneDNN's
+    convolutions than after XLA's (torch_beside_jax.py; BUILD_NOTES.md, session 9)."""
+    from jax_robust.speed_flags import fix_malloc
+
     malloc_info = fix_malloc() if malloc == "fixed" else "malloc: glibc's defaults"
     import jax
 
@@ -152,11 +147,20 @@ def print_peak(size: int, repeats: int) -> float:
     return peak
 
 
+def cost_analysis_text(flops: float, per: str, digits: int) -> str:
+    """'<flops> GFLOP/<per>' of a flops_of figure, or why there is none (0: FFI calls)."""
+    if flops:
+        return f"{flops / 1e9:.{digits}f} GFLOP/{per} (XLA cost analysis)"
+    return "FLOPs n/a (XLA's cost analysis does not see FFI calls)"
+
+
 def flops_of(compiled, devices: int = 1) -> float:
     """FLOPs of one call of a compiled JAX function (XLA's cost analysis; 0 if unknown).
     The analysis of a program partitioned over `devices` counts one device's share. 0 for a
     program with FFI calls (oneDNN's convolutions): the analysis counts none of their work."""
-    if "custom_call_target=\"jax_robust_onednn_conv\"" in compiled.as_text():
+    from jax_robust.onednn import TARGET
+
+    if f'custom_call_target="{TARGET}"' in compiled.as_text():
         return 0.0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -163,8 +163,7 @@ def measure(arch, peak):
         jax_compile_s[variant] = lower_s + time.perf_counter() - start
         flops[variant] = bench_util.flops_of(compiled[variant])
         print(f"{arch:<6} jax {variant:<18} compile {jax_compile_s[variant]:6.1f} s, "
-              + (f"{flops[variant] / 1e9:.2f} GFLOP/batch" if flops[variant]
-                 else "FLOPs n/a (XLA's cost analysis does not see FFI calls)"))
+              + bench_util.cost_analysis_text(flops[variant], "batch", 2))
 
     modes = bench_util.selected_modes(FLAGS.torch, FLAGS.torch_modes, FLAGS.torch_layouts)
     means = {name: [] for name in modes + [f"jax {v}" for v in variants]}

@@ -148,20 +148,26 @@ def _overlap_add_input_grad(g, w, pads, x_shape):
     return out
 
 
-def _conv_with_input_grad(input_grad: Callable) -> Callable:
-    """(x, w, pads) -> XLA's conv, whose VJP takes XLA's kernel gradient and
-    `input_grad(g, w, pads, x_shape)` for the input."""
+def _xla_kernel_grad(x, g, pads, w):
+    """XLA's kernel gradient of `_conv(x, w, pads)` for the output cotangent g."""
+    return jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]
+
+
+def _conv_with_input_grad(input_grad: Callable, forward: Callable = _conv,
+                          kernel_grad: Callable = _xla_kernel_grad) -> Callable:
+    """(x, w, pads) -> `forward(x, w, pads)` (XLA's stride-1 conv unless given), whose VJP
+    takes `kernel_grad(x, g, pads, w)` for the kernel and `input_grad(g, w, pads, x_shape)`
+    for the input."""
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def conv(x, w, pads):
-        return _conv(x, w, pads)
+        return forward(x, w, pads)
 
     def fwd(x, w, pads):
-        return _conv(x, w, pads), (x, w)
+        return forward(x, w, pads), (x, w)
 
     def bwd(pads, res, g):
         x, w = res
-        gw = jax.vjp(lambda w_: _conv(x, w_, pads), w)[1](g)[0]  # XLA's kernel gradient
-        return input_grad(g, w, pads, x.shape), gw
+        return input_grad(g, w, pads, x.shape), kernel_grad(x, g, pads, w)
 
     conv.defvjp(fwd, bwd)
     return conv
@@ -285,22 +291,15 @@ def first_conv_fn(grad: str, kernels: str = "xla") -> Callable | None:
     return small_input_conv if grad == "overlap_add" else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _onednn_overlap_add_conv(x, w, pads):
-    return onednn.conv(x, w, (1, 1), pads)
+# The first conv with oneDNN's forward and kernel gradient and the overlap-add input gradient.
+_onednn_overlap_add_conv = _conv_with_input_grad(
+    _overlap_add_input_grad, forward=lambda x, w, pads: onednn.conv(x, w, (1, 1), pads),
+    kernel_grad=lambda x, g, pads, w: onednn.kernel_grad(x, g, (1, 1), pads, w.shape))
 
 
-def _onednn_overlap_add_fwd(x, w, pads):
-    return _onednn_overlap_add_conv(x, w, pads), (x, w)
-
-
-def _onednn_overlap_add_bwd(pads, res, g):
-    x, w = res
-    return (_overlap_add_input_grad(g, w, pads, x.shape),
-            onednn.kernel_grad(x, g, (1, 1), pads, w.shape))
-
-
-_onednn_overlap_add_conv.defvjp(_onednn_overlap_add_fwd, _onednn_overlap_add_bwd)
+def _onednn_dtypes(lhs, rhs) -> bool:
+    """Whether oneDNN's handler takes these operands: float32 or bfloat16, one dtype."""
+    return lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
 
 
 def onednn_small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -312,8 +311,7 @@ def onednn_small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
     pads = _stride1_pads(*args)
-    if (pads is not None and rhs.shape[2] <= 4 and lhs.dtype == rhs.dtype
-            and lhs.dtype in (jnp.float32, jnp.bfloat16)):
+    if pads is not None and rhs.shape[2] <= 4 and _onednn_dtypes(lhs, rhs):
         return _onednn_overlap_add_conv(lhs, rhs, pads)
     return onednn_conv(*args)
 
@@ -328,8 +326,7 @@ def onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
     geometry = _plain_geometry(*args)
-    if (geometry is not None and lhs.dtype == rhs.dtype
-            and lhs.dtype in (jnp.float32, jnp.bfloat16)):
+    if geometry is not None and _onednn_dtypes(lhs, rhs):
         return onednn.conv(lhs, rhs, *geometry)
     return jax.lax.conv_general_dilated(*args[:9], precision=precision,
                                         preferred_element_type=preferred_element_type)

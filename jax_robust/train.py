@@ -425,7 +425,8 @@ def load_run(workdir: str, *, log: Callable[[str], None] = print) -> LoadedRun:
     cfg = cfglib.from_dict(meta["config"])
     # How to compute is this machine's choice (one device): the run's own speed options where
     # they can run here, the defaults for the rest (older checkpoints lack some).
-    backend, missing = jax.default_backend(), onednn_missing(jax.default_backend())
+    backend = jax.default_backend()
+    missing = onednn_missing(backend)
     speed = cfg.speed
     if speed.conv_kernels == "onednn" and missing is not None:
         speed = dataclasses.replace(speed, conv_kernels=None)

@@ -228,3 +228,18 @@ def test_shapes_that_do_not_make_a_convolution_are_refused_not_written():
     bad = jax.ShapeDtypeStruct((2, 5, 5, 4), jnp.float32)  # VALID gives 4x4
     with pytest.raises(Exception, match="onednn_conv"):
         jax.block_until_ready(onednn._call(0, x, k, bad, (1, 1), ((0, 0), (0, 0))))
+
+
+def test_no_call_fell_back_to_onednns_reference_kernels():
+    """oneDNN's `ref` implementations are correct but orders of magnitude slower: a layout or
+    dtype the optimised kernels refuse would pass every value test. After a forward and both
+    gradients in float32 and bf16, every primitive built names an optimised kernel."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.ones((4, 10, 10, 16), dtype)
+        k = jnp.ones((3, 3, 16, 16), dtype)
+        jax.block_until_ready(jax.grad(
+            lambda x, k: onednn.conv(x, k, (1, 1), ((1, 1), (1, 1))).astype(jnp.float32).sum(),
+            (0, 1))(x, k))
+    built = onednn.implementations()
+    assert {kind for kind, _ in built} == {0, 1, 2}, built
+    assert not [impl for _, impl in built if impl.startswith("ref")], built

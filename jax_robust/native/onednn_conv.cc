@@ -129,12 +129,14 @@ std::unique_ptr<Entry> Build(int64_t kind, const Shapes& s, const std::array<int
   // Kernel gradients are made in float32 whatever the operands (summed over parts after).
   memory::data_type tk = kind == 2 ? memory::data_type::f32 : s.tk;
   auto kernel_any = memory::desc(KernelDims(s.k), tk, memory::format_tag::any);
-  // The forward descriptor, a hint for the backward ones, in the operands' dtype.
-  memory::data_type t = kind == 1 ? s.ty : s.tx;
-  auto fwd = dnnl::convolution_forward::primitive_desc(
-      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Activation(s.x, t), memory::desc(KernelDims(s.k), t, memory::format_tag::any),
-      Activation(s.y, t), strides, pad_l, pad_r);
+  // The forward descriptor the backward ones take as a hint, in the operands' dtype.
+  auto hint = [&] {
+    memory::data_type t = kind == 1 ? s.ty : s.tx;
+    return dnnl::convolution_forward::primitive_desc(
+        eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+        Activation(s.x, t), memory::desc(KernelDims(s.k), t, memory::format_tag::any),
+        Activation(s.y, t), strides, pad_l, pad_r);
+  };
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto entry = std::make_unique<Entry>();
@@ -146,12 +148,12 @@ std::unique_ptr<Entry> Build(int64_t kind, const Shapes& s, const std::array<int
   } else if (kind == 1) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, Activation(s.x, s.tx), kernel_any,
-        Activation(s.y, s.ty), strides, pad_l, pad_r, fwd, attr);
+        Activation(s.y, s.ty), strides, pad_l, pad_r, hint(), attr);
     Keep<dnnl::convolution_backward_data>(*entry, pd, pd.weights_desc());
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, Activation(s.x, s.tx), kernel_any,
-        Activation(s.y, s.ty), strides, pad_l, pad_r, fwd, attr);
+        Activation(s.y, s.ty), strides, pad_l, pad_r, hint(), attr);
     Keep<dnnl::convolution_backward_weights>(*entry, pd, pd.diff_weights_desc());
   }
   entry->kernel_user = memory::desc(KernelDims(s.k), tk, memory::format_tag::hwio);
