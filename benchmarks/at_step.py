@@ -123,8 +123,8 @@ flags.DEFINE_bool("json", False, "also print one 'RESULT {json}' line per measur
 
 SHAPES = {"cnn1": (28, 28, 1), "cnn2": (28, 28, 1), "wrn": (32, 32, 3)}
 EPS = {"cnn1": 0.1, "cnn2": 0.1, "wrn": 8 / 255}
-IN_PROCESS_LEVERS = ("base,xlakernels,xlakernels+xlarows,xlapool,xlaconv,biasfirst,flaxbn,"
-                     "xlapool+xlaconv+biasfirst+flaxbn+xlakernels,rolled,unsafe_rbg,rbg")
+IN_PROCESS_LEVERS = ("base,sepconvpool,xlakernels,xlakernels+xlarows,xlapool,xlaconv,biasfirst,"
+                     "flaxbn,xlapool+xlaconv+biasfirst+flaxbn+xlakernels,rolled,unsafe_rbg,rbg")
 BEST = "base"
 
 

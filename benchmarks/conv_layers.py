@@ -1,5 +1,6 @@
-"""Per-layer profile of the CNNs' convolutions: JAX (XLA:CPU, the project's speed flags) against
-PyTorch (oneDNN) eager NCHW and channels_last, op by op, in one process.
+"""Per-layer profile of the CNNs' convolutions: JAX (XLA:CPU, the project's speed flags; XLA's
+convs and, where the handler builds, oneDNN's through the FFI, `SpeedConfig.conv_kernels`)
+against PyTorch (oneDNN) eager NCHW and channels_last, op by op, in one process.
 
 Each conv of CNN1 / CNN2 at the AT step's batch is timed as three separately compiled ops:
 the forward, the gradient with respect to its input, and the gradient with respect to its
@@ -43,8 +44,9 @@ def op_counts(layer: int, steps: int) -> dict[str, int]:
     return {"forward": steps + 1, "input_grad": steps + (layer > 0), "weight_grad": 1}
 
 
-def jax_ops(batch: int, size: int, c_in: int, c_out: int, first: bool):
-    """{op: zero-argument callable that runs it once and waits} for JAX."""
+def jax_ops(batch: int, size: int, c_in: int, c_out: int, first: bool, kernels: str):
+    """{op: zero-argument callable that runs it once and waits} for JAX, with XLA's or
+    oneDNN's convolutions (`kernels`, as `SpeedConfig.conv_kernels`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -54,7 +56,8 @@ def jax_ops(batch: int, size: int, c_in: int, c_out: int, first: bool):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, c_in), np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out), np.float32) * 0.1)
-    conv_fn = layers.first_conv_fn("overlap_add") if first else None
+    conv_fn = (layers.first_conv_fn("overlap_add", kernels) if first
+               else layers.later_conv_fn("xla", kernels))
     conv_fn = conv_fn or jax.lax.conv_general_dilated
 
     def conv(x, w):
@@ -98,21 +101,27 @@ def main(argv):
         append_speed_flags()
     bench_util.start_frameworks(torch=True)
     peak = bench_util.print_peak(4096, 3)
-    modes = ("jax", "torch_nchw", "torch_cl")
+    from jax_robust import onednn
+
+    jax_modes = ("jax_xla", "jax_onednn") if onednn.available() else ("jax_xla",)
+    jax_best = jax_modes[-1]  # the project's CPU default
+    modes = jax_modes + ("torch_nchw", "torch_cl")
     for model in FLAGS.models:
         print(f"\n{model}: batch {FLAGS.batch}, PGD-{FLAGS.steps} AT step; ms per call "
               f"(GFLOP/s, % of the {peak:.0f} GFLOP/s peak); per step = ms x calls per step")
         print("| conv | op | calls/step | " + " | ".join(modes) +
-              " | jax / best torch | per step: jax ms | best torch ms |")
+              f" | {jax_best} / best torch | per step: {jax_best} ms | best torch ms |")
         print("|---|---|---:|" + "---:|" * len(modes) + "---:|---:|---:|")
         totals = {m: 0.0 for m in modes}
         convs = [(h, c_in, c_out) for kind, h, _, c_in, c_out in flop_count.cnn_layers(model)
                  if kind == "conv"]
         for layer, (size, c_in, c_out) in enumerate(convs):
             flop = 2 * FLAGS.batch * flop_count.conv_macs(size, size, c_in, c_out, 3)[0]
-            runners = {"jax": jax_ops(FLAGS.batch, size, c_in, c_out, first=layer == 0),
+            runners = {m: jax_ops(FLAGS.batch, size, c_in, c_out, layer == 0, m[4:])
+                       for m in jax_modes}
+            runners.update({
                        "torch_nchw": torch_ops(FLAGS.batch, size, c_in, c_out, False),
-                       "torch_cl": torch_ops(FLAGS.batch, size, c_in, c_out, True)}
+                       "torch_cl": torch_ops(FLAGS.batch, size, c_in, c_out, True)})
             counts = op_counts(layer, FLAGS.steps)
             for op in OPS:
                 calls = {m: runners[m][op] for m in modes}
@@ -130,8 +139,8 @@ def main(argv):
                 cells = " | ".join(f"{med[m] * 1e3:.2f} ({flop / med[m] / 1e9:.0f}, "
                                    f"{flop / med[m] / 1e9 / peak * 100:.0f}%)" for m in modes)
                 print(f"| c{layer + 1} {size}x{size}x{c_in}->{c_out} | {op} | {counts[op]} | "
-                      f"{cells} | {med[best_torch] / med['jax']:.2f} | "
-                      f"{med['jax'] * counts[op] * 1e3:.1f} | "
+                      f"{cells} | {med[best_torch] / med[jax_best]:.2f} | "
+                      f"{med[jax_best] * counts[op] * 1e3:.1f} | "
                       f"{med[best_torch] * counts[op] * 1e3:.1f} ({best_torch}) |")
                 sys.stdout.flush()
         print(f"{model} conv time per AT step: " + ", ".join(

@@ -87,6 +87,9 @@ SPEED_FLAGS = {
     "conv_kernels": flags.DEFINE_string("conv_kernels", None, "speed: every conv through "
                                         "onednn or xla (default: onednn on one CPU device "
                                         "where it builds)"),
+    "conv_pool": flags.DEFINE_string("conv_pool", None, "speed: each conv + max-pool as one "
+                                     "oneDNN call (fused) or two (separate) (default: fused "
+                                     "where the convs are oneDNN's)"),
 }
 flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (default: "
                     "runs/<dataset>_<arch>_<method tag>_<variant>_seed<seed>)")

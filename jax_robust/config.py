@@ -106,6 +106,12 @@ class SpeedConfig:
                            the forward and both gradients; the CNNs' first conv keeps the
                            overlap-add input gradient of first_conv_grad, and conv_input_grad
                            does not reach the others; XLA:CPU, one device); 'xla': XLA's own
+      conv_pool            'fused': each conv followed by a 2x2 max-pool (CNN1's conv2, CNN2's
+                           conv2 and conv4) is one oneDNN call each way (onednn.conv_pool: the
+                           conv output pooled, and its gradient un-pooled, a few images at a
+                           time in cache); only with conv_kernels='onednn' and
+                           pool_grad='corners' (and, for CNN1, conv_bias_after_pool);
+                           'separate': a conv, then a pool
     """
 
     pool_grad: str | None = None
@@ -115,16 +121,18 @@ class SpeedConfig:
     attack_unroll: bool | None = None
     conv_input_grad: str | None = None
     conv_kernels: str | None = None
+    conv_pool: str | None = None
 
 
 SPEED_CHOICES = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
                  "channel_sums": ("dot", "reduce"), "conv_bias_after_pool": (True, False),
                  "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla"),
-                 "conv_kernels": ("onednn", "xla")}
+                 "conv_kernels": ("onednn", "xla"), "conv_pool": ("fused", "separate")}
 # The plain JAX forms: what a model computes when nobody chose otherwise (notebooks, GPU/TPU).
-PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False, "xla", "xla")
+PLAIN_SPEED = SpeedConfig("autodiff", "xla", "reduce", False, False, "xla", "xla", "separate")
 # Every CPU lever on: measured faster on XLA:CPU (BUILD_NOTES.md, "Speed").
-CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True, "column_taps", "onednn")
+CPU_SPEED = SpeedConfig("corners", "overlap_add", "dot", True, True, "column_taps", "onednn",
+                        "fused")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,9 @@ in the backward pass, where XLA:CPU is slow when left to autodiff (measured in B
   sum_leading,      per-channel sums over [n, h, w] and the matching broadcast, each the
   broadcast_leading   other's gradient, as ones-vector dots ("dot") or XLA reduces ("reduce").
   BatchNorm         `nn.BatchNorm`'s variables and formulas on top of those sums.
-  ConvPool          CNN1's conv2 + pool, the bias added before or after the pool.
+  ConvPool          a conv + pool (CNN1's conv2; CNN2's conv2 and conv4 when fused), the bias
+                    added before or after the pool; `fused`: one oneDNN call each way
+                    (onednn.conv_pool), SpeedConfig.conv_pool.
 Layout: NHWC activations, HWIO kernels (Flax's).
 """
 
@@ -298,8 +300,9 @@ _onednn_overlap_add_conv = _conv_with_input_grad(
 
 
 def _onednn_dtypes(lhs, rhs) -> bool:
-    """Whether oneDNN's handler takes these operands: float32 or bfloat16, one dtype."""
-    return lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
+    """Whether oneDNN's handler takes these operands: one dtype that this CPU's oneDNN has
+    convolutions for (float32; bfloat16 with AVX-512), `onednn.supports`."""
+    return lhs.dtype == rhs.dtype and onednn.supports(lhs.dtype)
 
 
 def onednn_small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -320,8 +323,9 @@ def onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                 precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated` through oneDNN (jax_robust.onednn.conv: forward, input and
-    kernel gradients) for a plain NHWC/HWIO conv of float32 or bfloat16 operands of one dtype
-    (any strides, pads >= 0), else XLA's. Needs `onednn.available()`. The values differ from
+    kernel gradients) for a plain NHWC/HWIO conv (any strides, pads >= 0) of operands of one
+    dtype this CPU's oneDNN has convolutions for (float32; bfloat16 with AVX-512:
+    `onednn.supports`), else XLA's. Needs `onednn.available()`. The values differ from
     XLA's by float rounding only (oneDNN sums in another order)."""
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
@@ -449,7 +453,9 @@ class ConvPool(nn.Module):
     """VALID 3x3 conv then 2x2 max-pool, parameters `kernel` [3, 3, C, features] and `bias`
     [features] as an `nn.Conv`'s. `bias_after_pool`: pool(conv) + b in place of
     pool(conv + b), equal bit for bit (a per-channel constant commutes with max and rounding
-    is monotone); the bias gradient then sums the 4x smaller pooled map.
+    is monotone); the bias gradient then sums the 4x smaller pooled map. `fused` (with
+    bias_after_pool): the conv and pool as one oneDNN call each way (onednn.conv_pool), for
+    the dtypes oneDNN has here; the pool's tie rule is `pool_ties` either way.
     """
 
     features: int
@@ -461,12 +467,15 @@ class ConvPool(nn.Module):
     dtype: Any = jnp.float32
     conv_input_grad: str = "xla"  # SpeedConfig.conv_input_grad
     conv_kernels: str = "xla"  # SpeedConfig.conv_kernels
+    fused: bool = False  # SpeedConfig.conv_pool == 'fused' where it applies (models.py)
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.fused and self.bias_after_pool and _onednn_dtypes(x, kernel):
+            return onednn.conv_pool(x, kernel, (1, 1), ((0, 0), (0, 0)), self.pool_ties) + bias
         conv = (later_conv_fn(self.conv_input_grad, self.conv_kernels)
                 or jax.lax.conv_general_dilated)
         y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)

@@ -58,6 +58,13 @@ class TorchDense(nn.Module):
         return nn.Dense(self.features, kernel_init=k_init, bias_init=b_init, dtype=self.dtype)(x)
 
 
+def fuses_conv_pool(speed: SpeedConfig) -> bool:
+    """Whether the CNNs' conv + pool pairs are `ConvPool(fused=True)`: conv_pool='fused' with
+    oneDNN's convs and the corners pool (CNN1 also needs conv_bias_after_pool)."""
+    return (speed.conv_pool == "fused" and speed.conv_kernels == "onednn"
+            and speed.pool_grad == "corners")
+
+
 class _CNN(nn.Module):
     """The fields of the MNIST nets."""
 
@@ -85,7 +92,7 @@ class CNN1(_CNN):
         x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
                      self.speed.conv_bias_after_pool, self.speed.pool_grad, self.pool_ties,
                      self.dtype, self.speed.conv_input_grad, self.speed.conv_kernels,
-                     name="Conv_1")(x)
+                     fuses_conv_pool(self.speed), name="Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -100,12 +107,20 @@ class CNN2(_CNN):
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         for i, features in enumerate((32, 32, 64, 64)):
+            if i % 2 == 1 and fuses_conv_pool(self.speed):
+                # relu(pool(conv) + b) = pool(relu(conv + b)): the bias and the ReLU commute
+                # with the max (both monotone), so they follow the fused conv + pool.
+                x = nn.relu(ConvPool(features, kaiming_normal_fan_in, nn.initializers.zeros,
+                                     True, self.speed.pool_grad, self.pool_ties, self.dtype,
+                                     self.speed.conv_input_grad, self.speed.conv_kernels,
+                                     fused=True, name=f"Conv_{i}")(x))
+                continue
             conv_fn = (first_conv_fn(self.speed.first_conv_grad, self.speed.conv_kernels)
                        if i == 0
                        else later_conv_fn(self.speed.conv_input_grad, self.speed.conv_kernels))
             x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=kaiming_normal_fan_in,
                         bias_init=nn.initializers.zeros, dtype=self.dtype,
-                        conv_general_dilated=conv_fn)(x)
+                        conv_general_dilated=conv_fn, name=f"Conv_{i}")(x)
             x = nn.relu(x)
             if i % 2 == 1:
                 x = pool_2x2(x, self.speed.pool_grad, self.pool_ties)

@@ -8,8 +8,13 @@ machine's C++ compiler against the `onednn-devel-cpu-gomp` headers and XLA's FFI
 a name that hashes the source, jaxlib's version and the command, written atomically beside
 its sha256 (a cached library that does not match it is built again, never loaded).
 
-`available()` says whether it built and loaded; `unavailable_reason()` says why not (no
-compiler, no oneDNN, a failed build). JAX_ROBUST_ONEDNN=0 turns it off. Every entry point
+`conv_pool(x, kernel, strides, pads, ties)` is such a conv followed by a 2x2/2 max-pool, one
+call each way (SpeedConfig.conv_pool='fused'): the conv output is pooled, and its gradient
+un-pooled, a few images at a time while in cache, so neither is written out whole.
+
+`supports(dtype)` says whether this CPU's oneDNN has convolutions in a dtype (bfloat16 needs
+AVX-512). `available()` says whether it built and loaded; `unavailable_reason()` says why
+not (no compiler, no oneDNN, a failed build). JAX_ROBUST_ONEDNN=0 turns it off. Every entry point
 leaves the choice to the caller: nothing here falls back silently.
 
 The calls carry no sharding rule: in a program partitioned over several devices XLA gathers
@@ -31,11 +36,21 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_robust.files import write_text_atomic
 
 TARGET = "jax_robust_onednn_conv"
+# The conv + 2x2 max-pool handlers (conv_pool), each its own FFI target.
+POOL_TARGETS = {"forward": ("jax_robust_onednn_conv_pool", "JrOnednnConvPool"),
+                "input_grad": ("jax_robust_onednn_conv_pool_input_grad",
+                               "JrOnednnConvPoolInputGrad"),
+                "kernel_grad": ("jax_robust_onednn_conv_pool_kernel_grad",
+                                "JrOnednnConvPoolKernelGrad")}
+# conv_pool's images per step inside a batch part: as many as fit this many bytes of conv
+# output (at least one), so the output is pooled while in cache.
+POOL_CHUNK_BYTES = 384 * 1024
 _SOURCE = Path(__file__).parent / "native" / "onednn_conv.cc"
 _FORWARD, _INPUT_GRAD, _KERNEL_GRAD = 0, 1, 2
 
@@ -68,7 +83,9 @@ def _build(include: Path, lib: Path) -> Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler (g++ or $CXX) to build it")
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w",
+    # -fno-trapping-math lets the pool loops' float compares be vectorised as selects.
+    command = [compiler, "-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC",
+               "-fvisibility=hidden", "-w",
                f"-I{jax.ffi.include_dir()}", f"-I{include}", str(_SOURCE), f"-L{lib}", "-ldnnl",
                f"-Wl,-rpath,{lib}"]
     digest = hashlib.sha256(_SOURCE.read_bytes())
@@ -126,6 +143,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         library = ctypes.CDLL(str(_build(*found)))  # rebuilt when not _intact
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JrOnednnConv),
                                     platform="cpu")
+        for target, symbol in POOL_TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
     except (RuntimeError, OSError, AttributeError) as err:
         return None, str(err)
     return library, ""
@@ -139,6 +159,20 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why `available()` is False ('' when it is True)."""
     return _load()[1]
+
+
+@functools.cache
+def supports(dtype) -> bool:
+    """Whether this CPU has oneDNN convolutions in `dtype` (float32 always; bfloat16 needs
+    AVX-512: oneDNN 3.2 has no bf16 convolution on an AVX2 CPU). False where unavailable."""
+    library = _load()[0]
+    if library is None:
+        return False
+    codes = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1}
+    if np.dtype(dtype) not in codes:
+        return False
+    library.JrOnednnConvSupports.restype = ctypes.c_int64
+    return bool(library.JrOnednnConvSupports(ctypes.c_int64(codes[np.dtype(dtype)])))
 
 
 def implementations() -> list[tuple[int, str]]:
@@ -232,3 +266,145 @@ def _kernel_grad_bwd(strides, pads, k_shape, residuals, v):
 conv.defvjp(_conv_fwd, _conv_bwd)
 input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
 kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
+# ----------------------------------------------------------------------------- conv + max-pool
+
+
+def _geometry(strides, pads) -> dict:
+    (top, bottom), (left, right) = pads
+    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+                pad_right=np.int64(right))
+
+
+def _pool_call(name: str, out, *operands, **attrs):
+    if not available():
+        raise RuntimeError(f"oneDNN's convolutions are unavailable: {unavailable_reason()} "
+                           "(SpeedConfig.conv_kernels='xla' computes without them)")
+    return jax.ffi.ffi_call(POOL_TARGETS[name][0], out, vmap_method="sequential")(
+        *operands, **attrs)
+
+
+def pooled_shape(x_shape, k_shape, strides, pads) -> tuple[int, int, int, int]:
+    """The shape of `conv_pool`'s result: the conv output's, rows and columns halved (floor)."""
+    n, ho, wo, o = output_shape(x_shape, k_shape, strides, pads)
+    return n, ho // 2, wo // 2, o
+
+
+def _conv_pool_call(x, kernel, strides, pads, ties):
+    shape = pooled_shape(x.shape, kernel.shape, strides, pads)
+    if min(shape[1:3]) < 1:
+        raise ValueError(f"conv_pool: a conv output of {shape[1] * 2}x{shape[2] * 2} or less "
+                         "has no 2x2 window")
+    if ties not in ("split", "first"):
+        raise ValueError(f"unknown pool ties {ties!r}")
+    return _pool_call("forward", (jax.ShapeDtypeStruct(shape, x.dtype),
+                                  jax.ShapeDtypeStruct(shape, np.uint8)),
+                      x, kernel, ties_first=np.int64(ties == "first"),
+                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), **_geometry(strides, pads))
+
+
+def unpool(g: jax.Array, mask: jax.Array, y_shape) -> jax.Array:
+    """The transpose of `conv_pool`'s pooling in plain JAX: g and mask [n, ph, pw, o] ->
+    [n, ho, wo, o] (y_shape); each corner marked in mask (bit j: corner j of the 2x2
+    window, row-major) gets g / (corners marked), every other element 0."""
+    n, ho, wo, o = y_shape
+    bits = [(mask >> j) & 1 for j in range(4)]
+    count = sum(b.astype(np.int32) for b in bits)
+    share = jnp.where(count > 0, g / jnp.maximum(count, 1).astype(g.dtype),
+                      jnp.zeros((), g.dtype))
+    corners = jnp.stack([jnp.where(b == 1, share, jnp.zeros((), g.dtype)) for b in bits], 3)
+    ph, pw = g.shape[1:3]
+    y = corners.reshape(n, ph, pw, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(n, 2 * ph, 2 * pw, o)
+    return jnp.pad(y, ((0, 0), (0, ho - 2 * ph), (0, wo - 2 * pw), (0, 0)))
+
+
+def conv_pool(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+              pads: tuple[tuple[int, int], tuple[int, int]], ties: str) -> jax.Array:
+    """`conv(x, kernel, strides, pads)` then a 2x2/2 max-pool (floor mode), as one oneDNN call:
+    x [n, h, w, i] -> [n, ho // 2, wo // 2, o]. The conv output is pooled a few images at a
+    time (POOL_CHUNK_BYTES) while in cache, never written whole; the backward un-pools the
+    gradient the same way before oneDNN's input and kernel gradients. ties: a window with
+    several maxima sends its gradient to all of them in equal shares ('split', JAX's
+    reduce-max rule and layers.max_pool_2x2's) or to the first in row-major order ('first',
+    PyTorch's, layers.max_pool_2x2_first). A window holding a NaN pools to NaN. Reverse mode
+    to any order (the gradients' own VJPs are plain JAX un-pooling and `conv`'s ops)."""
+    return conv_pool_with_mask(x, kernel, strides, pads, ties)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_pool_with_mask(x, kernel, strides, pads, ties):
+    """(`conv_pool(...)`, its mask [n, ph, pw, o] uint8: bit j marks corner j (row-major) of
+    the window as a maximum that takes a share of the gradient)."""
+    return _conv_pool_call(x, kernel, strides, pads, ties)
+
+
+def _conv_pool_fwd(x, kernel, strides, pads, ties):
+    pooled, mask = conv_pool_with_mask(x, kernel, strides, pads, ties)
+    return (pooled, mask), (x, kernel, mask)
+
+
+def _conv_pool_bwd(strides, pads, ties, residuals, cotangents):
+    x, kernel, mask = residuals
+    g = cotangents[0]  # the mask's is float0: it is piecewise constant in x and kernel
+    return (pool_input_grad(g, mask, kernel, strides, pads, x.shape),
+            pool_kernel_grad(x, g, mask, strides, pads, kernel.shape))
+
+
+conv_pool_with_mask.defvjp(_conv_pool_fwd, _conv_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def pool_input_grad(g, mask, kernel, strides, pads, x_shape):
+    """`conv_pool`'s VJP w.r.t. x: g and mask [n, ph, pw, o], kernel -> [n, h, w, i]."""
+    return _pool_call("input_grad", jax.ShapeDtypeStruct(x_shape, g.dtype), g, mask, kernel,
+                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), **_geometry(strides, pads))
+
+
+def _pool_input_grad_plain(g, kernel, mask, strides, pads, x_shape):
+    y_shape = output_shape(x_shape, kernel.shape, strides, pads)
+    return input_grad(unpool(g, mask, y_shape), kernel, strides, pads, x_shape)
+
+
+def _pool_input_grad_fwd(g, mask, kernel, strides, pads, x_shape):
+    return pool_input_grad(g, mask, kernel, strides, pads, x_shape), (g, mask, kernel)
+
+
+def _pool_input_grad_bwd(strides, pads, x_shape, residuals, u):
+    g, mask, kernel = residuals
+    _, vjp = jax.vjp(lambda g_, k_: _pool_input_grad_plain(g_, k_, mask, strides, pads,
+                                                          x_shape), g, kernel)
+    dg, dkernel = vjp(u)
+    return dg, None, dkernel
+
+
+pool_input_grad.defvjp(_pool_input_grad_fwd, _pool_input_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def pool_kernel_grad(x, g, mask, strides, pads, k_shape):
+    """`conv_pool`'s VJP w.r.t. the kernel: x, g and mask [n, ph, pw, o] -> k_shape."""
+    return _pool_call("kernel_grad", jax.ShapeDtypeStruct(k_shape, x.dtype), x, g, mask,
+                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), **_geometry(strides, pads))
+
+
+def _pool_kernel_grad_plain(x, g, mask, strides, pads, k_shape):
+    y_shape = output_shape(x.shape, k_shape, strides, pads)
+    return kernel_grad(x, unpool(g, mask, y_shape), strides, pads, k_shape)
+
+
+def _pool_kernel_grad_fwd(x, g, mask, strides, pads, k_shape):
+    return pool_kernel_grad(x, g, mask, strides, pads, k_shape), (x, g, mask)
+
+
+def _pool_kernel_grad_bwd(strides, pads, k_shape, residuals, v):
+    x, g, mask = residuals
+    _, vjp = jax.vjp(lambda x_, g_: _pool_kernel_grad_plain(x_, g_, mask, strides, pads,
+                                                           k_shape), x, g)
+    dx, dg = vjp(v)
+    return dx, dg, None
+
+
+pool_kernel_grad.defvjp(_pool_kernel_grad_fwd, _pool_kernel_grad_bwd)

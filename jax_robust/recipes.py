@@ -71,15 +71,17 @@ def default_speed(backend: str, devices: int = 1, onednn: bool = True) -> cfglib
         return cfglib.PLAIN_SPEED
     if devices == 1 and onednn:
         return cfglib.CPU_SPEED
-    return dataclasses.replace(cfglib.CPU_SPEED, conv_kernels="xla")
+    return dataclasses.replace(cfglib.CPU_SPEED, conv_kernels="xla", conv_pool="separate")
 
 
 def resolve_speed(speed: cfglib.SpeedConfig, backend: str, devices: int = 1,
                   onednn_missing: str | None = None) -> cfglib.SpeedConfig:
     """`speed` with every None filled from default_speed. onednn_missing: why oneDNN's
     convolutions cannot run here (jax_robust.onednn.unavailable_reason()), None when they can
-    or were not checked. Raises UserError where conv_kernels='onednn' was asked for and cannot
-    run: another backend, several devices, or the handler missing."""
+    or were not checked. conv_pool defaults to 'fused' only where conv_kernels='onednn' and
+    pool_grad='corners'. Raises UserError where conv_kernels='onednn' was asked for and cannot
+    run (another backend, several devices, the handler missing), or conv_pool='fused' without
+    those two."""
     default = default_speed(backend, devices, onednn_missing is None)
     if speed.conv_kernels == "onednn":
         if backend != "cpu":
@@ -89,8 +91,16 @@ def resolve_speed(speed: cfglib.SpeedConfig, backend: str, devices: int = 1,
                             f"{devices} (use conv_kernels=xla)")
         if onednn_missing is not None:
             raise UserError(f"conv_kernels=onednn is unavailable here: {onednn_missing}")
-    return cfglib.SpeedConfig(**{f.name: _fill(getattr(speed, f.name), getattr(default, f.name))
-                                 for f in dataclasses.fields(speed)})
+    resolved = cfglib.SpeedConfig(**{f.name: _fill(getattr(speed, f.name),
+                                                   getattr(default, f.name))
+                                     for f in dataclasses.fields(speed)})
+    fusable = resolved.conv_kernels == "onednn" and resolved.pool_grad == "corners"
+    if speed.conv_pool == "fused" and not fusable:
+        raise UserError("conv_pool=fused needs conv_kernels=onednn and pool_grad=corners "
+                        f"(here {resolved.conv_kernels} and {resolved.pool_grad})")
+    if speed.conv_pool is None and not fusable:
+        resolved = dataclasses.replace(resolved, conv_pool="separate")
+    return resolved
 
 
 def _fill(value, default):

@@ -429,7 +429,7 @@ def load_run(workdir: str, *, log: Callable[[str], None] = print) -> LoadedRun:
     missing = onednn_missing(backend)
     speed = cfg.speed
     if speed.conv_kernels == "onednn" and missing is not None:
-        speed = dataclasses.replace(speed, conv_kernels=None)
+        speed = dataclasses.replace(speed, conv_kernels=None, conv_pool=None)
     cfg = dataclasses.replace(cfg, speed=recipes.resolve_speed(speed, backend, 1, missing))
     if "data_info" in meta:
         info = datalib.DatasetInfo(**{**meta["data_info"],

@@ -93,6 +93,25 @@ def test_conv_and_both_gradients_against_brute_force(x_shape, k_shape, strides, 
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+needs_bf16 = pytest.mark.skipif(not onednn.supports(jnp.bfloat16),
+                                reason="this CPU's oneDNN has no bfloat16 convolutions")
+
+
+def test_bfloat16_support_is_what_the_cpu_has():
+    """oneDNN 3.2 has bf16 convolutions with AVX-512 only; where it has none, a bf16 call fails
+    at run time, so `onednn.supports` must say so and the layers must keep XLA's conv."""
+    with open("/proc/cpuinfo") as f:
+        avx512 = " avx512f" in f.read()
+    assert onednn.supports(jnp.float32)
+    assert onednn.supports(jnp.bfloat16) == avx512
+    assert not onednn.supports(jnp.float16)
+    x, k = jnp.ones((2, 6, 6, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+    text = jax.jit(lambda x, k: layers.onednn_conv(
+        x, k, (1, 1), "VALID", dimension_numbers=layers.NHWC)).lower(x, k).as_text()
+    assert (onednn.TARGET in text) == avx512
+
+
+@needs_bf16
 def test_bfloat16_operands_round_like_bfloat16():
     """bf16 x and kernel (AMX or AVX-512 bf16 kernels where the CPU has them): within bf16's
     rounding of the float64 result, and far from a wrong tap or scale."""
@@ -213,7 +232,8 @@ def test_a_nan_stays_a_nan_in_bfloat16_kernel_gradients():
     x = np.ones((4, 5, 5, 2), np.float32)
     x[1, 2, 2, 0] = np.nan
     g = np.ones((4, 3, 3, 3), np.float32)
-    for dtype in (jnp.float32, jnp.bfloat16):
+    dtypes = [jnp.float32] + ([jnp.bfloat16] if onednn.supports(jnp.bfloat16) else [])
+    for dtype in dtypes:
         dk = onednn.kernel_grad(jnp.asarray(x, dtype), jnp.asarray(g, dtype), (1, 1),
                                 ((0, 0), (0, 0)), (3, 3, 2, 3))
         dk = np.asarray(dk, np.float32)
@@ -233,8 +253,9 @@ def test_shapes_that_do_not_make_a_convolution_are_refused_not_written():
 def test_no_call_fell_back_to_onednns_reference_kernels():
     """oneDNN's `ref` implementations are correct but orders of magnitude slower: a layout or
     dtype the optimised kernels refuse would pass every value test. After a forward and both
-    gradients in float32 and bf16, every primitive built names an optimised kernel."""
-    for dtype in (jnp.float32, jnp.bfloat16):
+    gradients in float32 and bf16 (where the CPU has it), every primitive built names an
+    optimised kernel."""
+    for dtype in [jnp.float32] + ([jnp.bfloat16] if onednn.supports(jnp.bfloat16) else []):
         x = jnp.ones((4, 10, 10, 16), dtype)
         k = jnp.ones((3, 3, 16, 16), dtype)
         jax.block_until_ready(jax.grad(
@@ -243,3 +264,139 @@ def test_no_call_fell_back_to_onednns_reference_kernels():
     built = onednn.implementations()
     assert {kind for kind, _ in built} == {0, 1, 2}, built
     assert not [impl for _, impl in built if impl.startswith("ref")], built
+
+
+# ----------------------------------------------------------------------------- conv + max-pool
+
+
+def separate_conv_pool(ties):
+    pool = layers.max_pool_2x2 if ties == "split" else layers.max_pool_2x2_first
+    return lambda x, k, s, p: pool(onednn.conv(x, k, s, p))
+
+
+def fused_conv_pool(ties):
+    return lambda x, k, s, p: onednn.conv_pool(x, k, s, p, ties)
+
+
+# (x shape, kernel shape, strides, pads): an odd conv output (its last row and column are
+# not pooled), asymmetric pads and stride 2, and CNN1's conv2 at a small batch.
+POOL_GEOMETRIES = [((5, 9, 9, 3), (3, 3, 3, 4), (1, 1), ((0, 0), (0, 0))),
+                   ((3, 11, 10, 2), (3, 3, 2, 5), (2, 1), ((1, 0), (0, 2))),
+                   ((6, 26, 26, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
+def test_conv_pool_equals_the_conv_then_the_pool(geometry, ties, monkeypatch):
+    """Values and both gradients against the separate ops, with small chunks (one or two
+    images, and a shorter last one in each part) and with integer-valued data, whose conv
+    outputs are exact and full of tied maxima, so each tie rule is checked."""
+    x_shape, k_shape, strides, pads = geometry
+    rng = np.random.default_rng(3)
+    y_shape = onednn.output_shape(x_shape, k_shape, strides, pads)
+    image_bytes = 4 * int(np.prod(y_shape[1:]))
+    for chunk_bytes, integer in ((image_bytes, False), (2 * image_bytes, True)):
+        monkeypatch.setattr(onednn, "POOL_CHUNK_BYTES", chunk_bytes)
+        if integer:
+            x = rng.integers(-1, 2, x_shape).astype(np.float32)
+            k = rng.integers(-1, 2, k_shape).astype(np.float32)
+        else:
+            x = rng.standard_normal(x_shape).astype(np.float32)
+            k = rng.standard_normal(k_shape).astype(np.float32)
+        g = rng.standard_normal(onednn.pooled_shape(x_shape, k_shape, strides, pads))
+
+        def run(f):
+            y, vjp = jax.vjp(lambda x, k: f(x, k, strides, pads), x, k)
+            return (y, *vjp(jnp.asarray(g, jnp.float32)))
+
+        ours = jax.jit(lambda: run(fused_conv_pool(ties)))()
+        want = jax.jit(lambda: run(separate_conv_pool(ties)))()
+        _, mask = onednn.conv_pool_with_mask(x, k, strides, pads, ties)
+        counts = np.unpackbits(np.asarray(mask)[..., None], axis=-1)[..., 4:].sum(-1)
+        assert counts.min() == 1  # every window marks a corner
+        if integer:  # ties abound; 'first' keeps one corner of each
+            assert (counts > 1).any() == (ties == "split")
+        for a, b in zip(ours, want):
+            scale = float(np.abs(b).max())
+            assert scale > 0.5
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_conv_pool_second_order_gradients_match_the_separate_ops():
+    """GR and LLR differentiate input gradients: the fused op's gradients are differentiable
+    (their VJPs un-pool in plain JAX); against the separate ops' double backprop."""
+    x_shape, k_shape, strides, pads = POOL_GEOMETRIES[1]
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+
+    def penalty(f):
+        def fn(x, k):
+            gx, gk = jax.grad(lambda x, k: (f(x, k, strides, pads) ** 3).sum(), (0, 1))(x, k)
+            return (gx ** 2).sum() + (gk ** 2).sum()
+        return jax.jit(jax.grad(fn, (0, 1)))
+
+    for ties in ("split", "first"):
+        for a, b in zip(penalty(fused_conv_pool(ties))(x, k),
+                        penalty(separate_conv_pool(ties))(x, k)):
+            assert float(jnp.abs(b).max()) > 1.0
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+def test_conv_pool_marks_nan_windows_as_the_separate_pools_do():
+    """A NaN pools to NaN. 'split' sends a NaN window no gradient (no corner equals NaN);
+    'first' sends it to corner 3, as max_pool_2x2_first's index does."""
+    x = np.ones((2, 7, 7, 1), np.float32)
+    x[1, 3, 3, 0] = np.nan
+    k = np.ones((3, 3, 1, 2), np.float32)
+    for ties, nan_bits in (("split", 0), ("first", 8)):
+        pooled, mask = onednn.conv_pool_with_mask(x, k, (1, 1), ((0, 0), (0, 0)), ties)
+        want = separate_conv_pool(ties)(x, k, (1, 1), ((0, 0), (0, 0)))
+        np.testing.assert_array_equal(np.isnan(pooled), np.isnan(want))
+        nan = np.isnan(np.asarray(pooled))
+        assert nan.sum() == 2 * 4 and not nan[0].any()  # 4 windows x 2 channels, image 1
+        assert (np.asarray(mask)[nan] == nan_bits).all()
+        assert (np.asarray(mask)[~nan] == (15 if ties == "split" else 1)).all()  # all equal
+
+
+@needs_bf16
+def test_conv_pool_in_bfloat16_against_the_separate_ops():
+    x_shape, k_shape, strides, pads = POOL_GEOMETRIES[0]
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal(onednn.pooled_shape(x_shape, k_shape, strides, pads)),
+                    jnp.bfloat16)
+    outs = []
+    for f in (fused_conv_pool("split"), separate_conv_pool("split")):
+        y, vjp = jax.vjp(lambda x, k: f(x, k, strides, pads), x, k)
+        outs.append([np.asarray(a, np.float32) for a in (y, *vjp(g))])
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=0, atol=2 ** -6 * np.abs(b).max())
+
+
+def test_conv_pool_under_vmap_equals_the_loop():
+    x_shape, k_shape, strides, pads = POOL_GEOMETRIES[0]
+    rng = np.random.default_rng(6)
+    xs = jnp.asarray(rng.standard_normal((3, *x_shape)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+
+    def loss(x):
+        return (onednn.conv_pool(x, k, strides, pads, "split") ** 2).sum()
+
+    batched = jax.jit(jax.vmap(jax.value_and_grad(loss)))(xs)
+    for i in range(3):
+        one = jax.value_and_grad(loss)(xs[i])
+        for a, b in zip(batched, one):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_pool_refuses_a_pooled_shape_that_is_not_the_convs():
+    x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))  # conv 6x6 -> pooled 3x3
+    bad = (jax.ShapeDtypeStruct((2, 2, 2, 4), jnp.float32),
+           jax.ShapeDtypeStruct((2, 2, 2, 4), jnp.uint8))
+    with pytest.raises(Exception, match="onednn_conv_pool: the pooled shape"):
+        jax.block_until_ready(onednn._pool_call(
+            "forward", bad, x, k, ties_first=np.int64(0), chunk_bytes=np.int64(1 << 16),
+            **onednn._geometry((1, 1), ((0, 0), (0, 0)))))

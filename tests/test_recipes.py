@@ -69,9 +69,25 @@ def test_onednn_convs_only_where_they_can_run_and_asked_for_ones_are_refused_els
             recipes.resolve(asked, "cpu", **kwargs)
     with pytest.raises(UserError, match="XLA:CPU only"):
         recipes.resolve(asked, "gpu")
-    # The other CPU levers stay on where oneDNN cannot run.
+    # The other CPU levers stay on where oneDNN cannot run; the conv + pool fusion needs it.
     two = recipes.resolve(plain, "cpu", devices=2).speed
-    assert dataclasses.replace(two, conv_kernels="onednn") == cfglib.CPU_SPEED
+    assert two.conv_pool == "separate"
+    assert dataclasses.replace(two, conv_kernels="onednn", conv_pool="fused") == cfglib.CPU_SPEED
+
+
+def test_conv_pool_fusion_only_with_onednn_convs_and_the_corners_pool():
+    def speed(**fields):
+        return cfglib.RunConfig(speed=cfglib.SpeedConfig(**fields))
+
+    assert recipes.resolve(speed(), "cpu").speed.conv_pool == "fused"
+    assert recipes.resolve(speed(conv_kernels="xla"), "cpu").speed.conv_pool == "separate"
+    assert recipes.resolve(speed(pool_grad="autodiff"), "cpu").speed.conv_pool == "separate"
+    assert recipes.resolve(speed(), "gpu").speed.conv_pool == "separate"
+    assert recipes.resolve(speed(conv_pool="separate"), "cpu").speed.conv_pool == "separate"
+    for fields, kwargs in (({"conv_kernels": "xla"}, {}), ({"pool_grad": "autodiff"}, {}),
+                           ({}, {"devices": 2}), ({}, {"onednn_missing": "no compiler"})):
+        with pytest.raises(UserError, match="conv_pool=fused needs conv_kernels=onednn"):
+            recipes.resolve(speed(conv_pool="fused", **fields), "cpu", **kwargs)
 
 
 def test_resolve_is_idempotent_complete_and_round_trips():

@@ -6,7 +6,9 @@ the gradients of a loss w.r.t. the parameters and the input, BatchNorm's new sta
 PGD's adversarial points must agree to float rounding.
 """
 
+import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +126,14 @@ def cnn1(speed):
 
 # The options whose 'on' form is a custom VJP, and their plain form.
 CUSTOM_VJP_OPTIONS = {"pool_grad": "autodiff", "first_conv_grad": "xla", "conv_input_grad": "xla",
-                      "conv_kernels": "xla"}
+                      "conv_kernels": "xla", "conv_pool": "separate"}
+POOL_TARGETS = [target for target, _ in onednn.POOL_TARGETS.values()]
+
+
+def target_counts(text):
+    """{FFI target: calls in the program text} of oneDNN's handlers."""
+    names = collections.Counter(re.findall(r"target_name=(\w+)", text))
+    return {t: names[t] for t in [onednn.TARGET] + POOL_TARGETS if names[t]}
 
 
 @pytest.mark.slow
@@ -160,9 +169,28 @@ def test_cnn2_conv_kernels_change_the_program_not_the_values():
     texts = check_option_on_model(lambda speed: models.CNN2(dropout=0.5, speed=speed),
                                   "conv_kernels", "onednn", "xla", (28, 28, 1), batch=4,
                                   train=True)
-    grad_on = texts["grad"][0]
-    assert grad_on.count("target_name=" + onednn.TARGET) == 11  # 4 forwards, 4 kernel grads,
-    # the 3 later convs' input gradients (the first conv's is the overlap-add one)
+    # conv1 and conv3: 2 forwards, 2 kernel grads, conv3's input gradient (the first conv's
+    # is the overlap-add one); conv2 and conv4 fused with their pools, 3 calls each.
+    assert target_counts(texts["grad"][0]) == {onednn.TARGET: 5, **{t: 2 for t in POOL_TARGETS}}
+    assert not target_counts(texts["grad"][1])
+
+
+@pytest.mark.parametrize("arch,ties", [("cnn1", "split"), ("cnn1", "first"),
+                                       pytest.param("cnn2", "split", marks=pytest.mark.slow)])
+def test_conv_pool_fusion_changes_the_program_not_the_values(arch, ties):
+    """The conv + max-pool pairs as one oneDNN call each way, with either tie rule (the test
+    input is continuous, so ties are not exercised here: test_onednn.py does that)."""
+    def make(speed):
+        return models.build_model(arch, 10, (28, 28, 1), dropout=0.5, speed=speed,
+                                  pool_ties=ties)
+
+    texts = check_option_on_model(make, "conv_pool", "fused", "separate", (28, 28, 1),
+                                  batch=4, train=True)
+    pairs = {"cnn1": 1, "cnn2": 2}[arch]
+    on, off = (target_counts(t) for t in texts["grad"])
+    assert {t: on.pop(t) for t in POOL_TARGETS} == {t: pairs for t in POOL_TARGETS}
+    assert not any(t in off for t in POOL_TARGETS)
+    assert on[onednn.TARGET] == off[onednn.TARGET] - 3 * pairs
 
 
 @pytest.mark.slow
@@ -268,7 +296,7 @@ def test_every_speed_option_is_tested_with_its_choices():
     tested = {"pool_grad": ("corners", "autodiff"), "first_conv_grad": ("overlap_add", "xla"),
               "conv_bias_after_pool": (True, False), "channel_sums": ("dot", "reduce"),
               "attack_unroll": (True, False), "conv_input_grad": ("column_taps", "xla"),
-              "conv_kernels": ("onednn", "xla")}
+              "conv_kernels": ("onednn", "xla"), "conv_pool": ("fused", "separate")}
     assert tested == config.SPEED_CHOICES
     assert set(tested) == {f.name for f in dataclasses.fields(config.SpeedConfig)}
     # CPU_SPEED is every lever on, PLAIN_SPEED every one off.

@@ -6,6 +6,16 @@
 // Activations NHWC and kernels HWIO (Flax's layouts); a and b float32 or bfloat16, c of a's
 // dtype; strides and non-negative paddings as attributes. No dilation, no groups.
 //
+// A conv followed by a 2x2/2 max-pool (floor mode) as one call each way (JrOnednnConvPool*):
+// kind 3, forward:          x, k -> p [n, ho/2, wo/2, o] and mask (uint8, same shape)
+// kind 4, input gradient:   g (p's shape), mask, k -> dx [n, h, w, i]
+// kind 5, kernel gradient:  x, g, mask -> dk
+// mask bit j (0..3: corners (0,0), (0,1), (1,0), (1,1)) says the corner holds the window's
+// maximum; ties 'split' keeps every such bit, 'first' only the lowest. A pooled gradient goes
+// to the marked corners in equal shares (none where no bit is set: a NaN window). Each part
+// of the batch is run a few images at a time (`chunk_bytes` of conv output), so the conv
+// output or its gradient is pooled or un-pooled while in cache and never written whole.
+//
 // Threads: the batch is cut into one part per thread of XLA's intra-op pool, and each part is
 // one single-threaded oneDNN call, on the calling thread or on a pool thread (whichever
 // claims it first, so a call never waits on a part nobody runs). oneDNN's own OpenMP threads
@@ -184,7 +194,12 @@ struct Job {
   char *x, *y, *k;           // the whole operands / result
   memory::desc inner_md;              // kinds 0, 1: part 0's kernel layout
   uint8_t* kernel_inner = nullptr;     // and the kernel reordered to it (the caller's buffer)
-  std::vector<float*> kernel_partial;  // kind 2: each part's f32 HWIO gradient
+  std::vector<float*> kernel_partial;  // kinds 2, 5: each part's f32 HWIO gradient
+  // kinds 3-5: the pooled array, its mask, the tie rule and images per chunk
+  char* p = nullptr;
+  uint8_t* mask = nullptr;
+  bool ties_first = false;
+  int64_t chunk = 1;
   std::atomic<int64_t> next{0};
   std::mutex lock;
   std::condition_variable finished;
@@ -198,28 +213,37 @@ int64_t PartStart(const Job& job, int64_t p) { return job.n * p / job.parts; }
 // conv allocates nothing (per-call heap churn moved glibc's mmap threshold and slowed the
 // PyTorch steps timed beside it in one process; BUILD_NOTES.md).
 uint8_t* ThreadBuffer(int slot, size_t bytes) {
-  thread_local std::vector<uint8_t> buffers[2];
+  thread_local std::vector<uint8_t> buffers[4];
   std::vector<uint8_t>& b = buffers[slot];
   if (b.size() < bytes) b.resize(bytes);
   return b.data();
 }
 
-void RunPart(Job& job, int64_t p) {
-  SingleThreaded one;
-  int64_t lo = PartStart(job, p), hi = PartStart(job, p + 1);
-  Shapes s = job.whole;
-  s.x[0] = s.y[0] = hi - lo;
-  const Entry* e = Lookup(job.kind, s, job.geo);
+// The kernel operand of a forward or input-gradient primitive: the caller's reordered copy
+// when `e` wants the layout it was reordered to, else reordered here or used as it is.
+memory KernelOperand(const Job& job, const Entry* e, dnnl::stream& stream) {
   auto& eng = Engine();
-  dnnl::stream stream(eng);
-  size_t x_row = s.x[1] * s.x[2] * s.x[3] * Bytes(s.tx);
-  size_t y_row = s.y[1] * s.y[2] * s.y[3] * Bytes(s.ty);
-  memory x_mem(Activation(s.x, s.tx), eng, job.x + lo * x_row);
-  memory y_mem(Activation(s.y, s.ty), eng, job.y + lo * y_row);
+  memory user(e->kernel_user, eng, job.k);
+  if (!e->reorder) return user;
+  if (e->kernel_inner == job.inner_md) return memory(e->kernel_inner, eng, job.kernel_inner);
+  memory inner(e->kernel_inner, eng, ThreadBuffer(1, e->kernel_inner.get_size()));
+  e->kernel_reorder.execute(stream, user, inner);
+  return inner;
+}
+
+// Runs the `conv_kind` (0, 1, 2) primitive on m images: x and y point at the first image's
+// input and conv output (or their gradients); kind 2 writes its f32 HWIO gradient to dk.
+void RunConv(const Job& job, int64_t conv_kind, int64_t m, char* x, char* y, float* dk,
+             dnnl::stream& stream) {
+  Shapes s = job.whole;
+  s.x[0] = s.y[0] = m;
+  const Entry* e = Lookup(conv_kind, s, job.geo);
+  auto& eng = Engine();
+  memory x_mem(Activation(s.x, s.tx), eng, x);
+  memory y_mem(Activation(s.y, s.ty), eng, y);
   memory scratch_mem(e->scratch_md, eng, ThreadBuffer(0, e->scratch_md.get_size()));
-  if (job.kind == 2) {
-    float* out = job.kernel_partial[p];
-    memory k_user(e->kernel_user, eng, out);
+  if (conv_kind == 2) {
+    memory k_user(e->kernel_user, eng, dk);
     memory k_mem = e->reorder
                        ? memory(e->kernel_inner, eng, ThreadBuffer(1, e->kernel_inner.get_size()))
                        : k_user;
@@ -227,20 +251,171 @@ void RunPart(Job& job, int64_t p) {
                              {DNNL_ARG_DIFF_DST, y_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
     if (e->reorder) e->kernel_reorder.execute(stream, k_mem, k_user);
   } else {
-    memory k_mem(e->kernel_user, eng, job.k);
-    if (e->reorder && e->kernel_inner == job.inner_md) {
-      k_mem = memory(e->kernel_inner, eng, job.kernel_inner);
-    } else if (e->reorder) {  // this part's implementation wants another layout than part 0's
-      memory inner(e->kernel_inner, eng, ThreadBuffer(1, e->kernel_inner.get_size()));
-      e->kernel_reorder.execute(stream, k_mem, inner);
-      k_mem = inner;
-    }
-    int src = job.kind == 0 ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC;
-    int dst = job.kind == 0 ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST;
+    memory k_mem = KernelOperand(job, e, stream);
+    int src = conv_kind == 0 ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC;
+    int dst = conv_kind == 0 ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST;
     e->conv.execute(stream, {{src, x_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {dst, y_mem},
                              {DNNL_ARG_SCRATCHPAD, scratch_mem}});
   }
   stream.wait();
+}
+
+// ---------------------------------------------------------------- the 2x2/2 max-pool (kinds 3-5)
+
+float Load(const float* p) { return *p; }
+float Load(const uint16_t* p) {
+  uint32_t bits = uint32_t(*p) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+uint16_t RoundBf16(float v) {  // to nearest even; a NaN stays a NaN
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return (bits & 0x7FFFFFFF) > 0x7F800000 ? uint16_t((bits >> 16) | 0x40)
+                                          : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+void Store(float* p, float v) { *p = v; }
+void Store(uint16_t* p, float v) { *p = RoundBf16(v); }
+
+// The per-window work below runs on up to kLanes channels at a time in branch-free loops
+// (selects, no early exits), so the compiler vectorises them.
+constexpr int64_t kLanes = 64;
+
+// y [m, ho, wo, o] -> p [m, ho/2, wo/2, o] (max of each window's four corners, NaN if any
+// is NaN, as jnp.maximum) and its mask. 'first': only the lowest marked corner, and corner 3
+// for a NaN window (as layers.max_pool_2x2_first's index).
+template <typename T, bool kFirst>
+void Pool(const T* y, int64_t m, const memory::dims& yd, T* p, uint8_t* mask) {
+  int64_t ho = yd[1], wo = yd[2], o = yd[3], ph = ho / 2, pw = wo / 2;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < ph; ++r) {
+      for (int64_t c = 0; c < pw; ++c) {
+        for (int64_t c0 = 0; c0 < o; c0 += kLanes) {
+          int64_t lanes = std::min(kLanes, o - c0);
+          const T* a = y + ((i * ho + 2 * r) * wo + 2 * c) * o + c0;
+          const T *b = a + o, *cc = a + wo * o, *d = cc + o;
+          int64_t at = ((i * ph + r) * pw + c) * o + c0;
+          float mx[kLanes];
+          int32_t bits[kLanes];
+          for (int64_t l = 0; l < lanes; ++l) {
+            float va = Load(a + l), vb = Load(b + l), vc = Load(cc + l), vd = Load(d + l);
+            float m1 = va < vb ? vb : va, m2 = vc < vd ? vd : vc;
+            float v = m1 < m2 ? m2 : m1;
+            bool nan = (va != va) | (vb != vb) | (vc != vc) | (vd != vd);
+            v = nan ? va + vb + vc + vd : v;
+            mx[l] = v;
+            bits[l] = int32_t(va == v) | int32_t(vb == v) << 1 | int32_t(vc == v) << 2 |
+                      int32_t(vd == v) << 3;
+          }
+          if (kFirst) {
+            for (int64_t l = 0; l < lanes; ++l) {
+              int32_t v = bits[l];
+              bits[l] = v == 0 ? 8 : v & -v;
+            }
+          }
+          for (int64_t l = 0; l < lanes; ++l) Store(p + at + l, mx[l]);
+          for (int64_t l = 0; l < lanes; ++l) mask[at + l] = uint8_t(bits[l]);
+        }
+      }
+    }
+  }
+}
+
+// The pool's transpose: g [m, ho/2, wo/2, o] and mask -> y [m, ho, wo, o]; each marked
+// corner gets g / (corners marked), the rest (an odd last row or column too) 0.
+template <typename T>
+void Unpool(const T* g, const uint8_t* mask, int64_t m, const memory::dims& yd, T* y) {
+  int64_t ho = yd[1], wo = yd[2], o = yd[3], ph = ho / 2, pw = wo / 2;
+  if (ho % 2 || wo % 2) std::memset(y, 0, size_t(m * ho * wo * o) * sizeof(T));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < ph; ++r) {
+      for (int64_t c = 0; c < pw; ++c) {
+        for (int64_t c0 = 0; c0 < o; c0 += kLanes) {
+          int64_t lanes = std::min(kLanes, o - c0);
+          T* a = y + ((i * ho + 2 * r) * wo + 2 * c) * o + c0;
+          T *b = a + o, *cc = a + wo * o, *d = cc + o;
+          int64_t at = ((i * ph + r) * pw + c) * o + c0;
+          float share[kLanes];
+          int32_t bits[kLanes];
+          for (int64_t l = 0; l < lanes; ++l) {
+            int32_t v = mask[at + l];
+            int32_t count = (v & 1) + ((v >> 1) & 1) + ((v >> 2) & 1) + ((v >> 3) & 1);
+            float s = Load(g + at + l) / float(count == 0 ? 1 : count);
+            share[l] = count == 0 ? 0.0f : s;
+            bits[l] = v;
+          }
+          for (int64_t l = 0; l < lanes; ++l) Store(a + l, bits[l] & 1 ? share[l] : 0.0f);
+          for (int64_t l = 0; l < lanes; ++l) Store(b + l, bits[l] & 2 ? share[l] : 0.0f);
+          for (int64_t l = 0; l < lanes; ++l) Store(cc + l, bits[l] & 4 ? share[l] : 0.0f);
+          for (int64_t l = 0; l < lanes; ++l) Store(d + l, bits[l] & 8 ? share[l] : 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// One part of a kind 3-5 call, `job.chunk` images at a time through a per-thread buffer of
+// conv output (or its gradient).
+void RunPooledPart(const Job& job, int64_t p, dnnl::stream& stream) {
+  const Shapes& w = job.whole;
+  int64_t lo = PartStart(job, p), hi = PartStart(job, p + 1), conv_kind = job.kind - 3;
+  bool f32 = w.ty == memory::data_type::f32;
+  size_t x_img = w.x[1] * w.x[2] * w.x[3] * Bytes(w.tx);
+  size_t y_img = w.y[1] * w.y[2] * w.y[3] * Bytes(w.ty);
+  size_t p_img = (w.y[1] / 2) * (w.y[2] / 2) * w.y[3];  // elements
+  size_t k_count = w.k[0] * w.k[1] * w.k[2] * w.k[3];
+  for (int64_t at = lo; at < hi; at += job.chunk) {
+    int64_t m = std::min(job.chunk, hi - at);
+    char* x = job.x + at * x_img;
+    char* y = reinterpret_cast<char*>(ThreadBuffer(2, m * y_img));
+    char* pooled = job.p + at * p_img * Bytes(w.ty);
+    uint8_t* mask = job.mask + at * p_img;
+    if (conv_kind == 0) {
+      RunConv(job, 0, m, x, y, nullptr, stream);
+      auto* fy = reinterpret_cast<float*>(y);
+      auto* fp = reinterpret_cast<float*>(pooled);
+      auto* hy = reinterpret_cast<uint16_t*>(y);
+      auto* hp = reinterpret_cast<uint16_t*>(pooled);
+      if (f32 && job.ties_first) Pool<float, true>(fy, m, w.y, fp, mask);
+      if (f32 && !job.ties_first) Pool<float, false>(fy, m, w.y, fp, mask);
+      if (!f32 && job.ties_first) Pool<uint16_t, true>(hy, m, w.y, hp, mask);
+      if (!f32 && !job.ties_first) Pool<uint16_t, false>(hy, m, w.y, hp, mask);
+      continue;
+    }
+    if (f32) {
+      Unpool(reinterpret_cast<float*>(pooled), mask, m, w.y, reinterpret_cast<float*>(y));
+    } else {
+      Unpool(reinterpret_cast<uint16_t*>(pooled), mask, m, w.y, reinterpret_cast<uint16_t*>(y));
+    }
+    if (conv_kind == 1) {
+      RunConv(job, 1, m, x, y, nullptr, stream);
+    } else if (at == lo) {
+      RunConv(job, 2, m, x, y, job.kernel_partial[p], stream);
+    } else {  // later chunks: summed into the part's gradient in chunk order
+      float* dk = reinterpret_cast<float*>(ThreadBuffer(3, k_count * sizeof(float)));
+      RunConv(job, 2, m, x, y, dk, stream);
+      float* sum = job.kernel_partial[p];
+      for (size_t i = 0; i < k_count; ++i) sum[i] += dk[i];
+    }
+  }
+}
+
+void RunPart(Job& job, int64_t p) {
+  SingleThreaded one;
+  dnnl::stream stream(Engine());
+  if (job.kind >= 3) {
+    RunPooledPart(job, p, stream);
+    return;
+  }
+  const Shapes& w = job.whole;
+  int64_t lo = PartStart(job, p), hi = PartStart(job, p + 1);
+  size_t x_img = w.x[1] * w.x[2] * w.x[3] * Bytes(w.tx);
+  size_t y_img = w.y[1] * w.y[2] * w.y[3] * Bytes(w.ty);
+  RunConv(job, job.kind, hi - lo, job.x + lo * x_img, job.y + lo * y_img,
+          job.kind == 2 ? job.kernel_partial[p] : nullptr, stream);
 }
 
 // The calling thread's buffers, alive until it returns (parts on other threads read them);
@@ -272,45 +447,30 @@ void Work(const std::shared_ptr<Job>& job) {
   }
 }
 
-ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c,
-                    ffi::ThreadPool pool, int64_t kind, int64_t stride_h, int64_t stride_w,
-                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  memory::data_type ta = DnnlType(a.element_type()), tb = DnnlType(b.element_type()),
-                    tc = DnnlType(c->element_type());
-  if (ta == memory::data_type::undef || tb == memory::data_type::undef ||
-      tc == memory::data_type::undef) {
-    return ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 buffers only");
-  }
-  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || c->dimensions().size() != 4 ||
-      kind < 0 || kind > 2) {
-    return ffi::Error::InvalidArgument("onednn_conv: rank-4 operands and kind 0, 1 or 2");
-  }
-  auto dims = [](ffi::AnyBuffer::Dimensions d) { return memory::dims(d.begin(), d.end()); };
-  auto job = std::make_shared<Job>();
-  job->kind = kind;
-  job->geo = {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
-  job->whole = Roles(kind, dims(a.dimensions()), dims(b.dimensions()), dims(c->dimensions()),
-                     ta, tb, tc);
+memory::dims Dims(ffi::AnyBuffer::Dimensions d) { return memory::dims(d.begin(), d.end()); }
+
+// Runs `job` (kind, whole shapes, geometry and pointers set) over the intra-op pool; `dk`:
+// the kernel gradient's output (kinds 2, 5) in dtype `tk`.
+ffi::Error Launch(const std::shared_ptr<Job>& job, ffi::ThreadPool& pool, void* dk,
+                  memory::data_type tk) {
   job->n = job->whole.x[0];
   job->parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), job->n));
-  char* pa = static_cast<char*>(a.untyped_data());
-  char* pb = static_cast<char*>(b.untyped_data());
-  char* pc = static_cast<char*>(c->untyped_data());
-  job->x = kind == 1 ? pc : pa;
-  job->y = kind == 0 ? pc : (kind == 1 ? pa : pb);
-  job->k = kind == 2 ? pc : pb;
+  int64_t conv_kind = job->kind % 3;
+  size_t k_count = job->whole.k[0] * job->whole.k[1] * job->whole.k[2] * job->whole.k[3];
   try {
     SingleThreaded one;
     auto& eng = Engine();
     dnnl::stream stream(eng);
-    Shapes first = job->whole;
-    first.x[0] = first.y[0] = PartStart(*job, 1);
-    const Entry* e = Lookup(kind, first, job->geo);
-    if (kind == 2) {
-      size_t count = c->element_count();
+    Shapes first = job->whole;  // the first primitive part 0 runs
+    first.x[0] = first.y[0] =
+        job->kind >= 3 ? std::min(job->chunk, PartStart(*job, 1)) : PartStart(*job, 1);
+    const Entry* e = Lookup(conv_kind, first, job->geo);
+    if (conv_kind == 2) {
       float* partials = reinterpret_cast<float*>(
-          PartialBuffer(count * job->parts * sizeof(float)));
-      for (int64_t p = 0; p < job->parts; ++p) job->kernel_partial.push_back(partials + p * count);
+          PartialBuffer(k_count * job->parts * sizeof(float)));
+      for (int64_t p = 0; p < job->parts; ++p) {
+        job->kernel_partial.push_back(partials + p * k_count);
+      }
     } else if (e->reorder) {
       job->inner_md = e->kernel_inner;
       job->kernel_inner = CallerBuffer(e->kernel_inner.get_size());
@@ -328,33 +488,142 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
     job->finished.wait(guard, [&] { return job->done == job->parts; });
   }
   if (!job->error.empty()) return ffi::Error::Internal("onednn_conv: " + job->error);
-  if (kind == 2) {  // sum the parts' float32 gradients in part order, then store in c's dtype
-    size_t count = c->element_count();
+  if (conv_kind == 2) {  // sum the parts' float32 gradients in part order, then store
     float* sum = job->kernel_partial[0];
     for (int64_t p = 1; p < job->parts; ++p) {
       const float* part = job->kernel_partial[p];
-      for (size_t i = 0; i < count; ++i) sum[i] += part[i];
+      for (size_t i = 0; i < k_count; ++i) sum[i] += part[i];
     }
-    if (tc == memory::data_type::f32) {
-      std::memcpy(pc, sum, count * sizeof(float));
+    if (tk == memory::data_type::f32) {
+      std::memcpy(dk, sum, k_count * sizeof(float));
     } else {
-      uint16_t* out = reinterpret_cast<uint16_t*>(pc);
-      for (size_t i = 0; i < count; ++i) {  // round to nearest even; a NaN stays a NaN
-        uint32_t bits;
-        std::memcpy(&bits, &sum[i], 4);
-        out[i] = (bits & 0x7FFFFFFF) > 0x7F800000
-                     ? uint16_t((bits >> 16) | 0x40)
-                     : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-      }
+      uint16_t* out = static_cast<uint16_t*>(dk);
+      for (size_t i = 0; i < k_count; ++i) out[i] = RoundBf16(sum[i]);
     }
   }
   return ffi::Error::Success();
+}
+
+bool Float(memory::data_type t) { return t != memory::data_type::undef; }
+
+ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c,
+                    ffi::ThreadPool pool, int64_t kind, int64_t stride_h, int64_t stride_w,
+                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  memory::data_type ta = DnnlType(a.element_type()), tb = DnnlType(b.element_type()),
+                    tc = DnnlType(c->element_type());
+  if (!Float(ta) || !Float(tb) || !Float(tc)) {
+    return ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 buffers only");
+  }
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || c->dimensions().size() != 4 ||
+      kind < 0 || kind > 2) {
+    return ffi::Error::InvalidArgument("onednn_conv: rank-4 operands and kind 0, 1 or 2");
+  }
+  auto job = std::make_shared<Job>();
+  job->kind = kind;
+  job->geo = {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
+  job->whole = Roles(kind, Dims(a.dimensions()), Dims(b.dimensions()), Dims(c->dimensions()),
+                     ta, tb, tc);
+  char* pa = static_cast<char*>(a.untyped_data());
+  char* pb = static_cast<char*>(b.untyped_data());
+  char* pc = static_cast<char*>(c->untyped_data());
+  job->x = kind == 1 ? pc : pa;
+  job->y = kind == 0 ? pc : (kind == 1 ? pa : pb);
+  job->k = kind == 2 ? pc : pb;
+  return Launch(job, pool, pc, tc);
+}
+
+// Kinds 3-5. x: the conv input (kinds 3, 5) or its gradient (4); k: the kernel (3, 4) or its
+// gradient (5); pooled: p (3) or its gradient (4, 5); mask written (3) or read (4, 5).
+ffi::Error PooledImpl(int64_t kind, ffi::AnyBuffer::Dimensions x_dims, memory::data_type tx,
+                      void* x, ffi::AnyBuffer::Dimensions k_dims, memory::data_type tk, void* k,
+                      ffi::AnyBuffer::Dimensions p_dims, memory::data_type tp, void* pooled,
+                      ffi::AnyBuffer::Dimensions mask_dims, uint8_t* mask, ffi::ThreadPool& pool,
+                      const std::array<int64_t, 6>& geo, int64_t ties_first,
+                      int64_t chunk_bytes) {
+  if (!Float(tx) || !Float(tk) || tp != tx) {
+    return ffi::Error::InvalidArgument(
+        "onednn_conv_pool: float32 or bfloat16 buffers, the pooled one of the input's dtype");
+  }
+  memory::dims xd = Dims(x_dims), kd = Dims(k_dims), pd = Dims(p_dims), md = Dims(mask_dims);
+  if (xd.size() != 4 || kd.size() != 4 || pd.size() != 4 || md != pd || kd[2] != xd[3] ||
+      geo[0] < 1 || geo[1] < 1 || chunk_bytes < 1) {
+    return ffi::Error::InvalidArgument("onednn_conv_pool: misshapen operands");
+  }
+  int64_t ho = (xd[1] + geo[2] + geo[3] - kd[0]) / geo[0] + 1;
+  int64_t wo = (xd[2] + geo[4] + geo[5] - kd[1]) / geo[1] + 1;
+  if (ho < 2 || wo < 2 || pd != memory::dims{xd[0], ho / 2, wo / 2, kd[3]}) {
+    return ffi::Error::InvalidArgument("onednn_conv_pool: the pooled shape is not the conv's");
+  }
+  auto job = std::make_shared<Job>();
+  job->kind = kind;
+  job->geo = geo;
+  job->whole = {xd, {xd[0], ho, wo, kd[3]}, kd, tx, tx, tk};
+  job->x = static_cast<char*>(x);
+  job->k = static_cast<char*>(k);
+  job->p = static_cast<char*>(pooled);
+  job->mask = mask;
+  job->ties_first = ties_first != 0;
+  int64_t y_img = ho * wo * kd[3] * int64_t(Bytes(tx));
+  job->chunk = std::max<int64_t>(1, chunk_bytes / y_img);
+  return Launch(job, pool, k, tk);
+}
+
+ffi::Error ConvPoolImpl(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> p,
+                        ffi::Result<ffi::Buffer<ffi::U8>> mask, ffi::ThreadPool pool,
+                        int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+                        int64_t pad_left, int64_t pad_right, int64_t ties_first,
+                        int64_t chunk_bytes) {
+  return PooledImpl(3, x.dimensions(), DnnlType(x.element_type()), x.untyped_data(),
+                    k.dimensions(), DnnlType(k.element_type()), k.untyped_data(),
+                    p->dimensions(), DnnlType(p->element_type()), p->untyped_data(),
+                    mask->dimensions(), mask->typed_data(), pool,
+                    {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, ties_first,
+                    chunk_bytes);
+}
+
+ffi::Error ConvPoolInputGradImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U8> mask, ffi::AnyBuffer k,
+                                 ffi::Result<ffi::AnyBuffer> dx, ffi::ThreadPool pool,
+                                 int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                                 int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                                 int64_t chunk_bytes) {
+  return PooledImpl(4, dx->dimensions(), DnnlType(dx->element_type()), dx->untyped_data(),
+                    k.dimensions(), DnnlType(k.element_type()), k.untyped_data(),
+                    g.dimensions(), DnnlType(g.element_type()), g.untyped_data(),
+                    mask.dimensions(), mask.typed_data(), pool,
+                    {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, 0,
+                    chunk_bytes);
+}
+
+ffi::Error ConvPoolKernelGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Buffer<ffi::U8> mask,
+                                  ffi::Result<ffi::AnyBuffer> dk, ffi::ThreadPool pool,
+                                  int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                                  int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                                  int64_t chunk_bytes) {
+  return PooledImpl(5, x.dimensions(), DnnlType(x.element_type()), x.untyped_data(),
+                    dk->dimensions(), DnnlType(dk->element_type()), dk->untyped_data(),
+                    g.dimensions(), DnnlType(g.element_type()), g.untyped_data(),
+                    mask.dimensions(), mask.typed_data(), pool,
+                    {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, 0,
+                    chunk_bytes);
 }
 
 }  // namespace
 
 #define JR_EXPORT __attribute__((visibility("default")))
 extern "C" JR_EXPORT XLA_FFI_Error* JrOnednnConv(XLA_FFI_CallFrame* call_frame);
+extern "C" JR_EXPORT XLA_FFI_Error* JrOnednnConvPool(XLA_FFI_CallFrame* call_frame);
+extern "C" JR_EXPORT XLA_FFI_Error* JrOnednnConvPoolInputGrad(XLA_FFI_CallFrame* call_frame);
+extern "C" JR_EXPORT XLA_FFI_Error* JrOnednnConvPoolKernelGrad(XLA_FFI_CallFrame* call_frame);
+
+// The geometry attributes every handler takes, after its buffers and the thread pool.
+#define JR_GEOMETRY(bind)       \
+  bind.Ctx<ffi::ThreadPool>()   \
+      .Attr<int64_t>("stride_h") \
+      .Attr<int64_t>("stride_w") \
+      .Attr<int64_t>("pad_top")  \
+      .Attr<int64_t>("pad_bottom") \
+      .Attr<int64_t>("pad_left") \
+      .Attr<int64_t>("pad_right")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConv, ConvImpl,
                               ffi::Ffi::Bind()
@@ -369,6 +638,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConv, ConvImpl,
                                   .Attr<int64_t>("pad_bottom")
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("pad_right"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPool, ConvPoolImpl,
+                              JR_GEOMETRY(ffi::Ffi::Bind()
+                                              .Arg<ffi::AnyBuffer>()
+                                              .Arg<ffi::AnyBuffer>()
+                                              .Ret<ffi::AnyBuffer>()
+                                              .Ret<ffi::Buffer<ffi::U8>>())
+                                  .Attr<int64_t>("ties_first")
+                                  .Attr<int64_t>("chunk_bytes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPoolInputGrad, ConvPoolInputGradImpl,
+                              JR_GEOMETRY(ffi::Ffi::Bind()
+                                              .Arg<ffi::AnyBuffer>()
+                                              .Arg<ffi::Buffer<ffi::U8>>()
+                                              .Arg<ffi::AnyBuffer>()
+                                              .Ret<ffi::AnyBuffer>())
+                                  .Attr<int64_t>("chunk_bytes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPoolKernelGrad, ConvPoolKernelGradImpl,
+                              JR_GEOMETRY(ffi::Ffi::Bind()
+                                              .Arg<ffi::AnyBuffer>()
+                                              .Arg<ffi::AnyBuffer>()
+                                              .Arg<ffi::Buffer<ffi::U8>>()
+                                              .Ret<ffi::AnyBuffer>())
+                                  .Attr<int64_t>("chunk_bytes"));
+
+// Whether this CPU has oneDNN convolutions (forward and both gradients) for `dtype`: 0
+// float32, 1 bfloat16 (oneDNN 3.2 has no bf16 convolution on CPUs without AVX-512).
+extern "C" JR_EXPORT int64_t JrOnednnConvSupports(int64_t dtype) {
+  memory::data_type t = dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32;
+  Shapes s{{2, 6, 6, 4}, {2, 4, 4, 8}, {3, 3, 4, 8}, t, t, t};
+  try {
+    for (int64_t kind = 0; kind < 3; ++kind) Build(kind, s, {1, 1, 0, 0, 0, 0});
+  } catch (const std::exception&) {
+    return 0;
+  }
+  return 1;
+}
 
 // The implementation oneDNN chose for each cached shape (benchmarks and tests): writes up to
 // `size` bytes of "kind:impl;" records into `out`; returns the bytes needed.
