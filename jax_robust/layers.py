@@ -453,9 +453,10 @@ class ConvPool(nn.Module):
     """VALID 3x3 conv then 2x2 max-pool, parameters `kernel` [3, 3, C, features] and `bias`
     [features] as an `nn.Conv`'s. `bias_after_pool`: pool(conv) + b in place of
     pool(conv + b), equal bit for bit (a per-channel constant commutes with max and rounding
-    is monotone); the bias gradient then sums the 4x smaller pooled map. `fused` (with
-    bias_after_pool): the conv and pool as one oneDNN call each way (onednn.conv_pool), for
-    the dtypes oneDNN has here; the pool's tie rule is `pool_ties` either way.
+    is monotone); the bias gradient then sums the 4x smaller pooled map. `relu_input`: a
+    ReLU on the input first. `fused` (with bias_after_pool): the ReLU, conv and pool as one
+    oneDNN call each way (onednn.conv_pool), for the dtypes oneDNN has here; the pool's tie
+    rule is `pool_ties` either way.
     """
 
     features: int
@@ -468,6 +469,7 @@ class ConvPool(nn.Module):
     conv_input_grad: str = "xla"  # SpeedConfig.conv_input_grad
     conv_kernels: str = "xla"  # SpeedConfig.conv_kernels
     fused: bool = False  # SpeedConfig.conv_pool == 'fused' where it applies (models.py)
+    relu_input: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -475,7 +477,10 @@ class ConvPool(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if self.fused and self.bias_after_pool and _onednn_dtypes(x, kernel):
-            return onednn.conv_pool(x, kernel, (1, 1), ((0, 0), (0, 0)), self.pool_ties) + bias
+            return onednn.conv_pool(x, kernel, (1, 1), ((0, 0), (0, 0)), self.pool_ties,
+                                    self.relu_input) + bias
+        if self.relu_input:
+            x = nn.relu(x)
         conv = (later_conv_fn(self.conv_input_grad, self.conv_kernels)
                 or jax.lax.conv_general_dilated)
         y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)

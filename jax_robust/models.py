@@ -86,13 +86,13 @@ class CNN1(_CNN):
                     bias_init=torch_bias_init(9 * c_in), dtype=self.dtype,
                     conv_general_dilated=first_conv_fn(self.speed.first_conv_grad,
                                                          self.speed.conv_kernels))(x)
-        x = nn.relu(x)
-        # No ReLU after the second conv, as in the official net. Named as the nn.Conv it
-        # replaces: the same parameter path, so the same initial values.
+        # conv1's ReLU is ConvPool's (relu_input: inside the oneDNN call when fused). No ReLU
+        # after the second conv, as in the official net. Named as the nn.Conv it replaces:
+        # the same parameter path, so the same initial values.
         x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
                      self.speed.conv_bias_after_pool, self.speed.pool_grad, self.pool_ties,
                      self.dtype, self.speed.conv_input_grad, self.speed.conv_kernels,
-                     fuses_conv_pool(self.speed), name="Conv_1")(x)
+                     fuses_conv_pool(self.speed), relu_input=True, name="Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -106,14 +106,16 @@ class CNN2(_CNN):
     @nn.compact
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
+        fuse = fuses_conv_pool(self.speed)
         for i, features in enumerate((32, 32, 64, 64)):
-            if i % 2 == 1 and fuses_conv_pool(self.speed):
-                # relu(pool(conv) + b) = pool(relu(conv + b)): the bias and the ReLU commute
-                # with the max (both monotone), so they follow the fused conv + pool.
+            if i % 2 == 1 and fuse:
+                # The previous conv's ReLU runs inside the fused call (relu_input), and
+                # relu(pool(conv) + b) = pool(relu(conv + b)): the bias and this ReLU commute
+                # with the max (both monotone), so they follow it.
                 x = nn.relu(ConvPool(features, kaiming_normal_fan_in, nn.initializers.zeros,
                                      True, self.speed.pool_grad, self.pool_ties, self.dtype,
                                      self.speed.conv_input_grad, self.speed.conv_kernels,
-                                     fused=True, name=f"Conv_{i}")(x))
+                                     fused=True, relu_input=True, name=f"Conv_{i}")(x))
                 continue
             conv_fn = (first_conv_fn(self.speed.first_conv_grad, self.speed.conv_kernels)
                        if i == 0
@@ -121,7 +123,8 @@ class CNN2(_CNN):
             x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=kaiming_normal_fan_in,
                         bias_init=nn.initializers.zeros, dtype=self.dtype,
                         conv_general_dilated=conv_fn, name=f"Conv_{i}")(x)
-            x = nn.relu(x)
+            if not (fuse and i % 2 == 0):  # else the next (fused) ConvPool applies it
+                x = nn.relu(x)
             if i % 2 == 1:
                 x = pool_2x2(x, self.speed.pool_grad, self.pool_ties)
         x = x.reshape(x.shape[0], -1)

@@ -292,7 +292,7 @@ def pooled_shape(x_shape, k_shape, strides, pads) -> tuple[int, int, int, int]:
     return n, ho // 2, wo // 2, o
 
 
-def _conv_pool_call(x, kernel, strides, pads, ties):
+def _conv_pool_call(x, kernel, strides, pads, ties, relu_input):
     shape = pooled_shape(x.shape, kernel.shape, strides, pads)
     if min(shape[1:3]) < 1:
         raise ValueError(f"conv_pool: a conv output of {shape[1] * 2}x{shape[2] * 2} or less "
@@ -302,7 +302,8 @@ def _conv_pool_call(x, kernel, strides, pads, ties):
     return _pool_call("forward", (jax.ShapeDtypeStruct(shape, x.dtype),
                                   jax.ShapeDtypeStruct(shape, np.uint8)),
                       x, kernel, ties_first=np.int64(ties == "first"),
-                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), **_geometry(strides, pads))
+                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), relu_input=np.int64(relu_input),
+                      **_geometry(strides, pads))
 
 
 def unpool(g: jax.Array, mask: jax.Array, y_shape) -> jax.Array:
@@ -322,87 +323,97 @@ def unpool(g: jax.Array, mask: jax.Array, y_shape) -> jax.Array:
 
 
 def conv_pool(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-              pads: tuple[tuple[int, int], tuple[int, int]], ties: str) -> jax.Array:
+              pads: tuple[tuple[int, int], tuple[int, int]], ties: str,
+              relu_input: bool = False) -> jax.Array:
     """`conv(x, kernel, strides, pads)` then a 2x2/2 max-pool (floor mode), as one oneDNN call:
     x [n, h, w, i] -> [n, ho // 2, wo // 2, o]. The conv output is pooled a few images at a
     time (POOL_CHUNK_BYTES) while in cache, never written whole; the backward un-pools the
     gradient the same way before oneDNN's input and kernel gradients. ties: a window with
     several maxima sends its gradient to all of them in equal shares ('split', JAX's
     reduce-max rule and layers.max_pool_2x2's) or to the first in row-major order ('first',
-    PyTorch's, layers.max_pool_2x2_first). A window holding a NaN pools to NaN. Reverse mode
-    to any order (the gradients' own VJPs are plain JAX un-pooling and `conv`'s ops)."""
-    return conv_pool_with_mask(x, kernel, strides, pads, ties)[0]
+    PyTorch's, layers.max_pool_2x2_first). A window holding a NaN pools to NaN.
+    relu_input: the conv reads relu(x) instead (`jax.nn.relu`, made per chunk in cache, so
+    the ReLU's output and its gradient are never written whole either). Reverse mode to any
+    order (the gradients' own VJPs are plain JAX un-pooling and `conv`'s ops)."""
+    return conv_pool_with_mask(x, kernel, strides, pads, ties, bool(relu_input))[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_pool_with_mask(x, kernel, strides, pads, ties):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_pool_with_mask(x, kernel, strides, pads, ties, relu_input):
     """(`conv_pool(...)`, its mask [n, ph, pw, o] uint8: bit j marks corner j (row-major) of
     the window as a maximum that takes a share of the gradient)."""
-    return _conv_pool_call(x, kernel, strides, pads, ties)
+    return _conv_pool_call(x, kernel, strides, pads, ties, relu_input)
 
 
-def _conv_pool_fwd(x, kernel, strides, pads, ties):
-    pooled, mask = conv_pool_with_mask(x, kernel, strides, pads, ties)
+def _conv_pool_fwd(x, kernel, strides, pads, ties, relu_input):
+    pooled, mask = conv_pool_with_mask(x, kernel, strides, pads, ties, relu_input)
     return (pooled, mask), (x, kernel, mask)
 
 
-def _conv_pool_bwd(strides, pads, ties, residuals, cotangents):
+def _conv_pool_bwd(strides, pads, ties, relu_input, residuals, cotangents):
     x, kernel, mask = residuals
     g = cotangents[0]  # the mask's is float0: it is piecewise constant in x and kernel
-    return (pool_input_grad(g, mask, kernel, strides, pads, x.shape),
-            pool_kernel_grad(x, g, mask, strides, pads, kernel.shape))
+    return (pool_input_grad(g, mask, kernel, x, strides, pads, relu_input),
+            pool_kernel_grad(x, g, mask, strides, pads, kernel.shape, relu_input))
 
 
 conv_pool_with_mask.defvjp(_conv_pool_fwd, _conv_pool_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def pool_input_grad(g, mask, kernel, strides, pads, x_shape):
-    """`conv_pool`'s VJP w.r.t. x: g and mask [n, ph, pw, o], kernel -> [n, h, w, i]."""
-    return _pool_call("input_grad", jax.ShapeDtypeStruct(x_shape, g.dtype), g, mask, kernel,
-                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), **_geometry(strides, pads))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def pool_input_grad(g, mask, kernel, x, strides, pads, relu_input):
+    """`conv_pool`'s VJP w.r.t. x: g and mask [n, ph, pw, o], kernel -> [n, h, w, i] (x's
+    shape; x itself is read only with relu_input, for the ReLU's gradient)."""
+    relu_x = x if relu_input else jnp.zeros((0,), x.dtype)
+    return _pool_call("input_grad", jax.ShapeDtypeStruct(x.shape, g.dtype), g, mask, kernel,
+                      relu_x, chunk_bytes=np.int64(POOL_CHUNK_BYTES),
+                      relu_input=np.int64(relu_input), **_geometry(strides, pads))
 
 
-def _pool_input_grad_plain(g, kernel, mask, strides, pads, x_shape):
-    y_shape = output_shape(x_shape, kernel.shape, strides, pads)
-    return input_grad(unpool(g, mask, y_shape), kernel, strides, pads, x_shape)
+def _pool_input_grad_plain(g, kernel, mask, x, strides, pads, relu_input):
+    y_shape = output_shape(x.shape, kernel.shape, strides, pads)
+    dx = input_grad(unpool(g, mask, y_shape), kernel, strides, pads, x.shape)
+    return jnp.where(x > 0, dx, jnp.zeros((), dx.dtype)) if relu_input else dx
 
 
-def _pool_input_grad_fwd(g, mask, kernel, strides, pads, x_shape):
-    return pool_input_grad(g, mask, kernel, strides, pads, x_shape), (g, mask, kernel)
+def _pool_input_grad_fwd(g, mask, kernel, x, strides, pads, relu_input):
+    return pool_input_grad(g, mask, kernel, x, strides, pads, relu_input), (g, mask, kernel, x)
 
 
-def _pool_input_grad_bwd(strides, pads, x_shape, residuals, u):
-    g, mask, kernel = residuals
-    _, vjp = jax.vjp(lambda g_, k_: _pool_input_grad_plain(g_, k_, mask, strides, pads,
-                                                          x_shape), g, kernel)
+def _pool_input_grad_bwd(strides, pads, relu_input, residuals, u):
+    g, mask, kernel, x = residuals
+    _, vjp = jax.vjp(lambda g_, k_: _pool_input_grad_plain(g_, k_, mask, x, strides, pads,
+                                                          relu_input), g, kernel)
     dg, dkernel = vjp(u)
-    return dg, None, dkernel
+    # x enters through masks only (the pool's and the ReLU's): piecewise constant.
+    return dg, None, dkernel, jnp.zeros_like(x)
 
 
 pool_input_grad.defvjp(_pool_input_grad_fwd, _pool_input_grad_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def pool_kernel_grad(x, g, mask, strides, pads, k_shape):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def pool_kernel_grad(x, g, mask, strides, pads, k_shape, relu_input):
     """`conv_pool`'s VJP w.r.t. the kernel: x, g and mask [n, ph, pw, o] -> k_shape."""
     return _pool_call("kernel_grad", jax.ShapeDtypeStruct(k_shape, x.dtype), x, g, mask,
-                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), **_geometry(strides, pads))
+                      chunk_bytes=np.int64(POOL_CHUNK_BYTES), relu_input=np.int64(relu_input),
+                      **_geometry(strides, pads))
 
 
-def _pool_kernel_grad_plain(x, g, mask, strides, pads, k_shape):
+def _pool_kernel_grad_plain(x, g, mask, strides, pads, k_shape, relu_input):
     y_shape = output_shape(x.shape, k_shape, strides, pads)
-    return kernel_grad(x, unpool(g, mask, y_shape), strides, pads, k_shape)
+    src = jax.nn.relu(x) if relu_input else x
+    return kernel_grad(src, unpool(g, mask, y_shape), strides, pads, k_shape)
 
 
-def _pool_kernel_grad_fwd(x, g, mask, strides, pads, k_shape):
-    return pool_kernel_grad(x, g, mask, strides, pads, k_shape), (x, g, mask)
+def _pool_kernel_grad_fwd(x, g, mask, strides, pads, k_shape, relu_input):
+    return (pool_kernel_grad(x, g, mask, strides, pads, k_shape, relu_input), (x, g, mask))
 
 
-def _pool_kernel_grad_bwd(strides, pads, k_shape, residuals, v):
+def _pool_kernel_grad_bwd(strides, pads, k_shape, relu_input, residuals, v):
     x, g, mask = residuals
     _, vjp = jax.vjp(lambda x_, g_: _pool_kernel_grad_plain(x_, g_, mask, strides, pads,
-                                                           k_shape), x, g)
+                                                           k_shape, relu_input), x, g)
     dx, dg = vjp(v)
     return dx, dg, None
 

@@ -269,13 +269,14 @@ def test_no_call_fell_back_to_onednns_reference_kernels():
 # ----------------------------------------------------------------------------- conv + max-pool
 
 
-def separate_conv_pool(ties):
+def separate_conv_pool(ties, relu=False):
     pool = layers.max_pool_2x2 if ties == "split" else layers.max_pool_2x2_first
-    return lambda x, k, s, p: pool(onednn.conv(x, k, s, p))
+    act = jax.nn.relu if relu else (lambda x: x)
+    return lambda x, k, s, p: pool(onednn.conv(act(x), k, s, p))
 
 
-def fused_conv_pool(ties):
-    return lambda x, k, s, p: onednn.conv_pool(x, k, s, p, ties)
+def fused_conv_pool(ties, relu=False):
+    return lambda x, k, s, p: onednn.conv_pool(x, k, s, p, ties, relu)
 
 
 # (x shape, kernel shape, strides, pads): an odd conv output (its last row and column are
@@ -285,12 +286,13 @@ POOL_GEOMETRIES = [((5, 9, 9, 3), (3, 3, 3, 4), (1, 1), ((0, 0), (0, 0))),
                    ((6, 26, 26, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))]
 
 
-@pytest.mark.parametrize("ties", ["split", "first"])
+@pytest.mark.parametrize("ties,relu", [("split", False), ("first", False), ("split", True)])
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
-def test_conv_pool_equals_the_conv_then_the_pool(geometry, ties, monkeypatch):
-    """Values and both gradients against the separate ops, with small chunks (one or two
-    images, and a shorter last one in each part) and with integer-valued data, whose conv
-    outputs are exact and full of tied maxima, so each tie rule is checked."""
+def test_conv_pool_equals_the_conv_then_the_pool(geometry, ties, relu, monkeypatch):
+    """Values and both gradients against the separate ops (a ReLU first with relu_input),
+    with small chunks (one or two images, and a shorter last one in each part) and with
+    integer-valued data, whose conv outputs are exact and full of tied maxima, so each tie
+    rule is checked (and x = 0 exactly, where the ReLU's gradient is 0)."""
     x_shape, k_shape, strides, pads = geometry
     rng = np.random.default_rng(3)
     y_shape = onednn.output_shape(x_shape, k_shape, strides, pads)
@@ -309,9 +311,9 @@ def test_conv_pool_equals_the_conv_then_the_pool(geometry, ties, monkeypatch):
             y, vjp = jax.vjp(lambda x, k: f(x, k, strides, pads), x, k)
             return (y, *vjp(jnp.asarray(g, jnp.float32)))
 
-        ours = jax.jit(lambda: run(fused_conv_pool(ties)))()
-        want = jax.jit(lambda: run(separate_conv_pool(ties)))()
-        _, mask = onednn.conv_pool_with_mask(x, k, strides, pads, ties)
+        ours = jax.jit(lambda: run(fused_conv_pool(ties, relu)))()
+        want = jax.jit(lambda: run(separate_conv_pool(ties, relu)))()
+        _, mask = onednn.conv_pool_with_mask(x, k, strides, pads, ties, relu)
         counts = np.unpackbits(np.asarray(mask)[..., None], axis=-1)[..., 4:].sum(-1)
         assert counts.min() == 1  # every window marks a corner
         if integer:  # ties abound; 'first' keeps one corner of each
@@ -336,9 +338,9 @@ def test_conv_pool_second_order_gradients_match_the_separate_ops():
             return (gx ** 2).sum() + (gk ** 2).sum()
         return jax.jit(jax.grad(fn, (0, 1)))
 
-    for ties in ("split", "first"):
-        for a, b in zip(penalty(fused_conv_pool(ties))(x, k),
-                        penalty(separate_conv_pool(ties))(x, k)):
+    for ties, relu in (("split", False), ("first", False), ("split", True)):
+        for a, b in zip(penalty(fused_conv_pool(ties, relu))(x, k),
+                        penalty(separate_conv_pool(ties, relu))(x, k)):
             assert float(jnp.abs(b).max()) > 1.0
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
 
@@ -350,7 +352,7 @@ def test_conv_pool_marks_nan_windows_as_the_separate_pools_do():
     x[1, 3, 3, 0] = np.nan
     k = np.ones((3, 3, 1, 2), np.float32)
     for ties, nan_bits in (("split", 0), ("first", 8)):
-        pooled, mask = onednn.conv_pool_with_mask(x, k, (1, 1), ((0, 0), (0, 0)), ties)
+        pooled, mask = onednn.conv_pool_with_mask(x, k, (1, 1), ((0, 0), (0, 0)), ties, False)
         want = separate_conv_pool(ties)(x, k, (1, 1), ((0, 0), (0, 0)))
         np.testing.assert_array_equal(np.isnan(pooled), np.isnan(want))
         nan = np.isnan(np.asarray(pooled))
@@ -399,4 +401,4 @@ def test_conv_pool_refuses_a_pooled_shape_that_is_not_the_convs():
     with pytest.raises(Exception, match="onednn_conv_pool: the pooled shape"):
         jax.block_until_ready(onednn._pool_call(
             "forward", bad, x, k, ties_first=np.int64(0), chunk_bytes=np.int64(1 << 16),
-            **onednn._geometry((1, 1), ((0, 0), (0, 0)))))
+            relu_input=np.int64(0), **onednn._geometry((1, 1), ((0, 0), (0, 0)))))

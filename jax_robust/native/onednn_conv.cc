@@ -8,8 +8,11 @@
 //
 // A conv followed by a 2x2/2 max-pool (floor mode) as one call each way (JrOnednnConvPool*):
 // kind 3, forward:          x, k -> p [n, ho/2, wo/2, o] and mask (uint8, same shape)
-// kind 4, input gradient:   g (p's shape), mask, k -> dx [n, h, w, i]
+// kind 4, input gradient:   g (p's shape), mask, k, x -> dx [n, h, w, i]
 // kind 5, kernel gradient:  x, g, mask -> dk
+// With `relu_input` the conv reads relu(x) (made per chunk in cache) and dx is the gradient
+// w.r.t. x, zero where x <= 0 (kind 4 reads x for that only; without relu_input, x may be
+// empty): a ReLU before the conv never written out.
 // mask bit j (0..3: corners (0,0), (0,1), (1,0), (1,1)) says the corner holds the window's
 // maximum; ties 'split' keeps every such bit, 'first' only the lowest. A pooled gradient goes
 // to the marked corners in equal shares (none where no bit is set: a NaN window). Each part
@@ -198,7 +201,8 @@ struct Job {
   // kinds 3-5: the pooled array, its mask, the tie rule and images per chunk
   char* p = nullptr;
   uint8_t* mask = nullptr;
-  bool ties_first = false;
+  bool ties_first = false, relu_input = false;
+  char* relu_x = nullptr;  // kind 4 with relu_input: x, to zero dx where x <= 0
   int64_t chunk = 1;
   std::atomic<int64_t> next{0};
   std::mutex lock;
@@ -213,7 +217,7 @@ int64_t PartStart(const Job& job, int64_t p) { return job.n * p / job.parts; }
 // conv allocates nothing (per-call heap churn moved glibc's mmap threshold and slowed the
 // PyTorch steps timed beside it in one process; BUILD_NOTES.md).
 uint8_t* ThreadBuffer(int slot, size_t bytes) {
-  thread_local std::vector<uint8_t> buffers[4];
+  thread_local std::vector<uint8_t> buffers[5];
   std::vector<uint8_t>& b = buffers[slot];
   if (b.size() < bytes) b.resize(bytes);
   return b.data();
@@ -357,6 +361,24 @@ void Unpool(const T* g, const uint8_t* mask, int64_t m, const memory::dims& yd, 
   }
 }
 
+// out = relu(x) (NaN stays NaN, as jnp.maximum(x, 0)), `count` elements.
+template <typename T>
+void Relu(const T* x, size_t count, T* out) {
+  for (size_t i = 0; i < count; ++i) {
+    float v = Load(x + i);
+    Store(out + i, v < 0.0f ? 0.0f : v);
+  }
+}
+
+// dx = 0 where x <= 0 (and where x is NaN: jax.nn.relu's gradient), `count` elements.
+template <typename T>
+void ReluGrad(const T* x, size_t count, T* dx) {
+  for (size_t i = 0; i < count; ++i) {
+    float v = Load(x + i), d = Load(dx + i);
+    Store(dx + i, v > 0.0f ? d : 0.0f);
+  }
+}
+
 // One part of a kind 3-5 call, `job.chunk` images at a time through a per-thread buffer of
 // conv output (or its gradient).
 void RunPooledPart(const Job& job, int64_t p, dnnl::stream& stream) {
@@ -370,6 +392,13 @@ void RunPooledPart(const Job& job, int64_t p, dnnl::stream& stream) {
   for (int64_t at = lo; at < hi; at += job.chunk) {
     int64_t m = std::min(job.chunk, hi - at);
     char* x = job.x + at * x_img;
+    size_t x_count = m * x_img / Bytes(w.tx);
+    if (job.relu_input && conv_kind != 1) {  // the conv reads relu(x), made here in cache
+      char* r = reinterpret_cast<char*>(ThreadBuffer(4, m * x_img));
+      if (f32) Relu(reinterpret_cast<float*>(x), x_count, reinterpret_cast<float*>(r));
+      else Relu(reinterpret_cast<uint16_t*>(x), x_count, reinterpret_cast<uint16_t*>(r));
+      x = r;
+    }
     char* y = reinterpret_cast<char*>(ThreadBuffer(2, m * y_img));
     char* pooled = job.p + at * p_img * Bytes(w.ty);
     uint8_t* mask = job.mask + at * p_img;
@@ -392,6 +421,11 @@ void RunPooledPart(const Job& job, int64_t p, dnnl::stream& stream) {
     }
     if (conv_kind == 1) {
       RunConv(job, 1, m, x, y, nullptr, stream);
+      if (job.relu_input) {
+        char* z = job.relu_x + at * x_img;
+        if (f32) ReluGrad(reinterpret_cast<float*>(z), x_count, reinterpret_cast<float*>(x));
+        else ReluGrad(reinterpret_cast<uint16_t*>(z), x_count, reinterpret_cast<uint16_t*>(x));
+      }
     } else if (at == lo) {
       RunConv(job, 2, m, x, y, job.kernel_partial[p], stream);
     } else {  // later chunks: summed into the part's gradient in chunk order
@@ -539,7 +573,8 @@ ffi::Error PooledImpl(int64_t kind, ffi::AnyBuffer::Dimensions x_dims, memory::d
                       ffi::AnyBuffer::Dimensions p_dims, memory::data_type tp, void* pooled,
                       ffi::AnyBuffer::Dimensions mask_dims, uint8_t* mask, ffi::ThreadPool& pool,
                       const std::array<int64_t, 6>& geo, int64_t ties_first,
-                      int64_t chunk_bytes) {
+                      int64_t chunk_bytes, int64_t relu_input,
+                      const ffi::AnyBuffer* relu_x = nullptr) {
   if (!Float(tx) || !Float(tk) || tp != tx) {
     return ffi::Error::InvalidArgument(
         "onednn_conv_pool: float32 or bfloat16 buffers, the pooled one of the input's dtype");
@@ -563,6 +598,13 @@ ffi::Error PooledImpl(int64_t kind, ffi::AnyBuffer::Dimensions x_dims, memory::d
   job->p = static_cast<char*>(pooled);
   job->mask = mask;
   job->ties_first = ties_first != 0;
+  job->relu_input = relu_input != 0;
+  if (job->relu_input && relu_x != nullptr) {
+    if (Dims(relu_x->dimensions()) != xd || DnnlType(relu_x->element_type()) != tx) {
+      return ffi::Error::InvalidArgument("onednn_conv_pool: x is not the gradient's shape");
+    }
+    job->relu_x = static_cast<char*>(relu_x->untyped_data());
+  }
   int64_t y_img = ho * wo * kd[3] * int64_t(Bytes(tx));
   job->chunk = std::max<int64_t>(1, chunk_bytes / y_img);
   return Launch(job, pool, k, tk);
@@ -572,39 +614,39 @@ ffi::Error ConvPoolImpl(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::Any
                         ffi::Result<ffi::Buffer<ffi::U8>> mask, ffi::ThreadPool pool,
                         int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
                         int64_t pad_left, int64_t pad_right, int64_t ties_first,
-                        int64_t chunk_bytes) {
+                        int64_t chunk_bytes, int64_t relu_input) {
   return PooledImpl(3, x.dimensions(), DnnlType(x.element_type()), x.untyped_data(),
                     k.dimensions(), DnnlType(k.element_type()), k.untyped_data(),
                     p->dimensions(), DnnlType(p->element_type()), p->untyped_data(),
                     mask->dimensions(), mask->typed_data(), pool,
                     {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, ties_first,
-                    chunk_bytes);
+                    chunk_bytes, relu_input);
 }
 
 ffi::Error ConvPoolInputGradImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U8> mask, ffi::AnyBuffer k,
-                                 ffi::Result<ffi::AnyBuffer> dx, ffi::ThreadPool pool,
-                                 int64_t stride_h, int64_t stride_w, int64_t pad_top,
-                                 int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                                 int64_t chunk_bytes) {
+                                 ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> dx,
+                                 ffi::ThreadPool pool, int64_t stride_h, int64_t stride_w,
+                                 int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                                 int64_t pad_right, int64_t chunk_bytes, int64_t relu_input) {
   return PooledImpl(4, dx->dimensions(), DnnlType(dx->element_type()), dx->untyped_data(),
                     k.dimensions(), DnnlType(k.element_type()), k.untyped_data(),
                     g.dimensions(), DnnlType(g.element_type()), g.untyped_data(),
                     mask.dimensions(), mask.typed_data(), pool,
                     {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, 0,
-                    chunk_bytes);
+                    chunk_bytes, relu_input, &x);
 }
 
 ffi::Error ConvPoolKernelGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Buffer<ffi::U8> mask,
                                   ffi::Result<ffi::AnyBuffer> dk, ffi::ThreadPool pool,
                                   int64_t stride_h, int64_t stride_w, int64_t pad_top,
                                   int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                                  int64_t chunk_bytes) {
+                                  int64_t chunk_bytes, int64_t relu_input) {
   return PooledImpl(5, x.dimensions(), DnnlType(x.element_type()), x.untyped_data(),
                     dk->dimensions(), DnnlType(dk->element_type()), dk->untyped_data(),
                     g.dimensions(), DnnlType(g.element_type()), g.untyped_data(),
                     mask.dimensions(), mask.typed_data(), pool,
                     {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, 0,
-                    chunk_bytes);
+                    chunk_bytes, relu_input);
 }
 
 }  // namespace
@@ -646,15 +688,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPool, ConvPoolImpl,
                                               .Ret<ffi::AnyBuffer>()
                                               .Ret<ffi::Buffer<ffi::U8>>())
                                   .Attr<int64_t>("ties_first")
-                                  .Attr<int64_t>("chunk_bytes"));
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<int64_t>("relu_input"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPoolInputGrad, ConvPoolInputGradImpl,
                               JR_GEOMETRY(ffi::Ffi::Bind()
                                               .Arg<ffi::AnyBuffer>()
                                               .Arg<ffi::Buffer<ffi::U8>>()
                                               .Arg<ffi::AnyBuffer>()
+                                              .Arg<ffi::AnyBuffer>()
                                               .Ret<ffi::AnyBuffer>())
-                                  .Attr<int64_t>("chunk_bytes"));
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<int64_t>("relu_input"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPoolKernelGrad, ConvPoolKernelGradImpl,
                               JR_GEOMETRY(ffi::Ffi::Bind()
@@ -662,7 +707,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JrOnednnConvPoolKernelGrad, ConvPoolKernelGradImpl
                                               .Arg<ffi::AnyBuffer>()
                                               .Arg<ffi::Buffer<ffi::U8>>()
                                               .Ret<ffi::AnyBuffer>())
-                                  .Attr<int64_t>("chunk_bytes"));
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<int64_t>("relu_input"));
 
 // Whether this CPU has oneDNN convolutions (forward and both gradients) for `dtype`: 0
 // float32, 1 bfloat16 (oneDNN 3.2 has no bf16 convolution on CPUs without AVX-512).
