@@ -19,10 +19,9 @@ the library on (jax_robust/layers.py, models.py). Each speed lever takes one
   xlakernels  conv_kernels='xla': every conv is XLA's (the library's: oneDNN's forward, input
               and kernel gradients through an FFI call, layers.onednn_conv); with it, xlarows
               is the column-taps lever again
-  sepconvpool conv_pool='separate': the CNNs' conv + max-pool pairs as a conv and then a
-              pool (the library's: one oneDNN call each way, onednn.conv_pool; it needs
-              oneDNN's convs and the corners pool, so xlakernels and xlapool also separate
-              them)
+  sepconvpool conv_pool='separate': the CNNs' ReLU + conv + max-pool runs as three ops (the
+              library's: one oneDNN call each way, onednn.conv_pool; it needs oneDNN's
+              convs and the corners pool, so xlakernels and xlapool also separate them)
 and the PRNG implementation of every key made while the variant is built (the step's key, so
 its dropout masks and random starts), set with `jax.config.update('jax_default_prng_impl',
 ...)` by `prng(variant)` and put back when it exits:

@@ -107,11 +107,11 @@ class SpeedConfig:
                            overlap-add input gradient of first_conv_grad, and conv_input_grad
                            does not reach the others; XLA:CPU, one device); 'xla': XLA's own
       conv_pool            'fused': each conv followed by a 2x2 max-pool (CNN1's conv2, CNN2's
-                           conv2 and conv4) is one oneDNN call each way (onednn.conv_pool: the
-                           conv output pooled, and its gradient un-pooled, a few images at a
-                           time in cache); only with conv_kernels='onednn' and
-                           pool_grad='corners' (and, for CNN1, conv_bias_after_pool);
-                           'separate': a conv, then a pool
+                           conv2 and conv4), with the ReLU before it, is one oneDNN call each
+                           way (onednn.conv_pool: the ReLU'd input, the conv output and their
+                           gradients made, pooled and un-pooled a few images at a time in
+                           cache); only with conv_kernels='onednn' and pool_grad='corners'
+                           (and, for CNN1, conv_bias_after_pool); 'separate': ReLU, conv, pool
     """
 
     pool_grad: str | None = None
