@@ -4,8 +4,10 @@ strides, asymmetric pads and kernel shapes, in float32 and bfloat16; and where
 layers.onednn_conv must leave a conv to XLA."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -184,21 +186,22 @@ def test_onednn_conv_leaves_what_it_does_not_fit_to_xla(case):
 
 def test_a_damaged_cached_handler_is_rebuilt(tmp_path):
     """A truncated .so in the cache (a crash mid-write elsewhere, a full disk) is not
-    trusted: the loader builds it again and the conv runs."""
+    trusted: the loader builds it again and the conv runs. (This process's library and its
+    checksum, copied into an empty cache and then truncated: one build, not two.)"""
+    library = Path(onednn._load()[0]._name)
+    for path in (library, onednn._checksum_path(library)):
+        shutil.copy(path, tmp_path / path.name)
+    cached = tmp_path / library.name
+    cached.write_bytes(cached.read_bytes()[:1000])
     env = {**os.environ, "JAX_ROBUST_CACHE": str(tmp_path)}
     script = ("from jax_robust import onednn; import jax.numpy as jnp; "
               "assert onednn.available(), onednn.unavailable_reason(); "
               "print(float(onednn.conv(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), "
               "(1, 1), ((0, 0), (0, 0)))[0, 0, 0, 0]))")
-    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                           text=True, timeout=300, check=False)
-    assert first.returncode == 0 and first.stdout.strip() == "9.0", first.stderr[-2000:]
-    (built,) = tmp_path.glob("onednn_conv-*.so")
-    built.write_bytes(built.read_bytes()[:1000])
     again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                            text=True, timeout=300, check=False)
     assert again.returncode == 0 and again.stdout.strip() == "9.0", again.stderr[-2000:]
-    assert built.stat().st_size > 1000
+    assert cached.stat().st_size > 1000 and onednn._intact(cached)  # rebuilt, checksum new
 
 
 def test_second_order_gradients_match_xla():
