@@ -8,14 +8,15 @@ machine's C++ compiler against the `onednn-devel-cpu-gomp` headers and XLA's FFI
 a name that hashes the source, jaxlib's version and the command, written atomically beside
 its sha256 (a cached library that does not match it is built again, never loaded).
 
-`conv_pool(x, kernel, strides, pads, ties)` is such a conv followed by a 2x2/2 max-pool, one
-call each way (SpeedConfig.conv_pool='fused'): the conv output is pooled, and its gradient
-un-pooled, a few images at a time while in cache, so neither is written out whole.
+`conv_pool(x, kernel, strides, pads, ties, relu_input)` is such a conv followed by a 2x2/2
+max-pool, optionally with a ReLU before it, one call each way (SpeedConfig.conv_pool='fused'):
+the ReLU'd input and the conv output are made, and their gradients un-pooled, a few images
+at a time while in cache, so none of them is written out whole.
 
 `supports(dtype)` says whether this CPU's oneDNN has convolutions in a dtype (bfloat16 needs
 AVX-512). `available()` says whether it built and loaded; `unavailable_reason()` says why
-not (no compiler, no oneDNN, a failed build). JAX_ROBUST_ONEDNN=0 turns it off. Every entry point
-leaves the choice to the caller: nothing here falls back silently.
+not (no compiler, no oneDNN, a failed build). JAX_ROBUST_ONEDNN=0 turns it off. Every
+entry point leaves the choice to the caller: nothing here falls back silently.
 
 The calls carry no sharding rule: in a program partitioned over several devices XLA gathers
 their operands onto every device (the values stay right, the work is repeated), so
@@ -189,15 +190,24 @@ def implementations() -> list[tuple[int, str]]:
     return [(int(r.split(":", 1)[0]), r.split(":", 1)[1]) for r in records if r]
 
 
-def _call(kind: int, a, b, out: jax.ShapeDtypeStruct, strides, pads):
+def _ffi_call(target: str, out, *operands, **attrs):
+    """One call of a handler (vmapped as a loop over the mapped axis)."""
     if not available():
         raise RuntimeError(f"oneDNN's convolutions are unavailable: {unavailable_reason()} "
                            "(SpeedConfig.conv_kernels='xla' computes without them)")
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **attrs)
+
+
+def _geometry(strides, pads) -> dict:
+    """The handlers' geometry attributes."""
     (top, bottom), (left, right) = pads
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
-        a, b, kind=np.int64(kind), stride_h=np.int64(strides[0]),
-        stride_w=np.int64(strides[1]), pad_top=np.int64(top), pad_bottom=np.int64(bottom),
-        pad_left=np.int64(left), pad_right=np.int64(right))
+    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+                pad_right=np.int64(right))
+
+
+def _call(kind: int, a, b, out: jax.ShapeDtypeStruct, strides, pads):
+    return _ffi_call(TARGET, out, a, b, kind=np.int64(kind), **_geometry(strides, pads))
 
 
 def output_shape(x_shape, k_shape, strides, pads) -> tuple[int, int, int, int]:
@@ -271,19 +281,8 @@ kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 # ----------------------------------------------------------------------------- conv + max-pool
 
 
-def _geometry(strides, pads) -> dict:
-    (top, bottom), (left, right) = pads
-    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-                pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-                pad_right=np.int64(right))
-
-
 def _pool_call(name: str, out, *operands, **attrs):
-    if not available():
-        raise RuntimeError(f"oneDNN's convolutions are unavailable: {unavailable_reason()} "
-                           "(SpeedConfig.conv_kernels='xla' computes without them)")
-    return jax.ffi.ffi_call(POOL_TARGETS[name][0], out, vmap_method="sequential")(
-        *operands, **attrs)
+    return _ffi_call(POOL_TARGETS[name][0], out, *operands, **attrs)
 
 
 def pooled_shape(x_shape, k_shape, strides, pads) -> tuple[int, int, int, int]:
