@@ -27,6 +27,9 @@ its dropout masks and random starts), set with `jax.config.update('jax_default_p
 ...)` by `prng(variant)` and put back when it exits:
   rbg, unsafe_rbg, threefry   ('threefry' is 'threefry2x32', JAX's default: a no-op unless
                               the process's default is another, so the self-check refuses it)
+and one variant that is not a lever:
+  control     `base` built and compiled again: the no-op control of a same-process A/B (its
+              ratio to base is the noise an A/B has to beat)
 A lever only reaches some models: xlapool and xlaconv the CNNs (the WRN has no pool, and its
 first conv takes no speed option), biasfirst CNN1, flaxbn the nets with BatchNorm (WRN,
 ResNet-50); `applies(lever, arch)` says which, and the benchmarks drop the others.
@@ -67,6 +70,7 @@ SPEED_LEVERS = {
 }
 PRNG_LEVERS = {"rbg": "rbg", "unsafe_rbg": "unsafe_rbg", "threefry": "threefry2x32"}
 LEVERS = tuple(SPEED_LEVERS) + tuple(PRNG_LEVERS)
+CONTROL = "control"
 BASE = config.CPU_SPEED
 # The archs a lever reaches (absent: every arch).
 ONLY = {"xlapool": ("cnn1", "cnn2"), "xlaconv": ("cnn1", "cnn2"), "xlarows": ("cnn1", "cnn2"),
@@ -83,12 +87,13 @@ class LeverError(ValueError):
 
 
 def levers(variant: str) -> list[str]:
-    """The lever names of `variant`, in order ([] for "base"); ValueError for unknown ones."""
-    names = [] if variant == "base" else variant.split("+")
+    """The lever names of `variant`, in order ([] for "base" and "control"); ValueError for
+    unknown ones."""
+    names = [] if variant in ("base", CONTROL) else variant.split("+")
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise ValueError(f"unknown levers {unknown} in {variant!r}; choose from "
-                         f"{', '.join(LEVERS)} ('+'-joined), or base")
+                         f"{', '.join(LEVERS)} ('+'-joined), or base, or {CONTROL}")
     impls = [n for n in names if n in PRNG_LEVERS]
     if len(impls) > 1:
         raise ValueError(f"variant {variant!r} names several PRNG implementations {impls}")
@@ -117,6 +122,8 @@ def applies(lever: str, arch: str) -> bool:
 
 def for_arch(variant: str, arch: str) -> str | None:
     """`variant` without the levers that do not reach `arch`; None if none of its levers do."""
+    if variant == CONTROL:
+        return CONTROL
     names = levers(variant)
     kept = [n for n in names if applies(n, arch)]
     return join(kept) if kept or not names else None
