@@ -95,6 +95,12 @@ def test_conv_and_both_gradients_against_brute_force(x_shape, k_shape, strides, 
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def random_bf16(seed, *shapes):
+    """Standard-normal bf16 arrays of `shapes`, from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes]
+
+
 needs_bf16 = pytest.mark.skipif(not onednn.supports(jnp.bfloat16),
                                 reason="this CPU's oneDNN has no bfloat16 convolutions")
 
@@ -118,11 +124,8 @@ def test_bfloat16_operands_round_like_bfloat16():
     """bf16 x and kernel (AMX or AVX-512 bf16 kernels where the CPU has them): within bf16's
     rounding of the float64 result, and far from a wrong tap or scale."""
     x_shape, k_shape, strides, pads = GEOMETRIES[1]
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
-    k = jnp.asarray(rng.standard_normal(k_shape), jnp.bfloat16)
-    g = jnp.asarray(rng.standard_normal(onednn.output_shape(x_shape, k_shape, strides, pads)),
-                    jnp.bfloat16)
+    x, k, g = random_bf16(1, x_shape, k_shape,
+                          onednn.output_shape(x_shape, k_shape, strides, pads))
 
     @jax.jit
     def run(x, k, g):
@@ -367,11 +370,8 @@ def test_conv_pool_marks_nan_windows_as_the_separate_pools_do():
 @needs_bf16
 def test_conv_pool_in_bfloat16_against_the_separate_ops():
     x_shape, k_shape, strides, pads = POOL_GEOMETRIES[0]
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
-    k = jnp.asarray(rng.standard_normal(k_shape), jnp.bfloat16)
-    g = jnp.asarray(rng.standard_normal(onednn.pooled_shape(x_shape, k_shape, strides, pads)),
-                    jnp.bfloat16)
+    x, k, g = random_bf16(5, x_shape, k_shape,
+                          onednn.pooled_shape(x_shape, k_shape, strides, pads))
     outs = []
     for f in (fused_conv_pool("split"), separate_conv_pool("split")):
         y, vjp = jax.vjp(lambda x, k: f(x, k, strides, pads), x, k)
