@@ -39,7 +39,7 @@ one_host_device_per_core()
 
 import bench_util  # noqa: E402
 from absl import flags  # noqa: E402
-from experiments import cli  # noqa: E402  (run_main sets the speed flags before JAX starts)
+from jax_robust.cli import common as cli  # noqa: E402  (run_main sets the speed flags before JAX starts)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "fashion_mnist", "data set (see jax_robust.data)")

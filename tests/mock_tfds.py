@@ -32,6 +32,6 @@ if __name__ == "__main__":
 
     import tensorflow_datasets as tfds
 
-    binary = importlib.import_module(f"experiments.{sys.argv.pop(1)}")
+    binary = importlib.import_module(f"jax_robust.cli.{sys.argv.pop(1)}")
     with tfds.testing.mock_data(as_data_source_fn=labelled_mock_source):
         binary.entry()

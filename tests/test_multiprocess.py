@@ -41,7 +41,7 @@ def env():
 
 def binary(script_args):
     return [sys.executable, MOCK, "run"] if "--dataset=cifar10" in script_args else \
-        [sys.executable, "-m", "experiments.run"]
+        [sys.executable, "-m", "jax_robust.cli.run"]
 
 
 def one_process(args, workdirs):
@@ -61,7 +61,7 @@ def two_processes(args, workdir):
     target = MOCK if "--dataset=cifar10" in args else "run"
     extra = ["run"] if target == MOCK else []  # the mock script's own first argument
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.launch_local", "--num_processes=2", "--",
+        [sys.executable, "-m", "jax_robust.cli.launch_local", "--num_processes=2", "--",
          target, *extra, *args, "--cpu_devices=2", f"--workdir={workdir}",
          f"--peer_timeout={PEER_TIMEOUT}"],
         capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
@@ -119,7 +119,7 @@ def test_sigkill_of_one_process_ends_the_other_and_a_relaunch_resumes(
         cnn1_two_processes, tmp_path, victim):
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-u", "-m", "experiments.run", *CNN1, "--cpu_devices=2",
+        [sys.executable, "-u", "-m", "jax_robust.cli.run", *CNN1, "--cpu_devices=2",
          f"--workdir={tmp_path}", f"--coordinator_address=localhost:{port}",
          "--num_processes=2", f"--process_id={i}", f"--peer_timeout={PEER_TIMEOUT}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)

@@ -33,12 +33,12 @@ def test_separation_over_two_processes_gives_the_single_process_arrays(tmp_path)
     args = ["--dataset=digits", "--max_points=700", "--n_closest=3", "--save_arrays",
             "--noprogress"]
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.launch_local", "--num_processes=2", "--",
+        [sys.executable, "-m", "jax_robust.cli.launch_local", "--num_processes=2", "--",
          "separation", *args, "--cpu_devices=2", f"--workdir={tmp_path / 'two'}"],
         capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.separation", *args, "--cpu_devices=1",
+        [sys.executable, "-m", "jax_robust.cli.separation", *args, "--cpu_devices=1",
          f"--workdir={tmp_path / 'one'}"],
         capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -59,7 +59,7 @@ def test_process_flags_are_checked_in_one_line(tmp_path):
                             "--process_id=0"], "host:port"),
                           (["--coordinator_address=localhost:1", "--num_processes=2",
                             "--process_id=2"], "--process_id must be in [0, 2)")]:
-        proc = subprocess.run([sys.executable, "-m", "experiments.run", "--epochs=1",
+        proc = subprocess.run([sys.executable, "-m", "jax_robust.cli.run", "--epochs=1",
                                f"--workdir={tmp_path}", *extra],
                               capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr

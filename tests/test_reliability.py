@@ -249,7 +249,7 @@ FLAG_VALUES = {
 def test_fuzzed_flags_are_accepted_or_refused_with_a_user_error(tmp_path_factory, values):
     from absl import flags
 
-    from experiments import run as run_binary
+    from jax_robust.cli import run as run_binary
     from jax_robust import models, recipes
     from jax_robust.errors import UserError
 

@@ -126,8 +126,8 @@ def test_an_eval_batch_the_devices_do_not_divide_is_refused_before_training(tmp_
 def test_the_launcher_and_a_binary_import_into_one_process():
     # Importing experiments/launch_local.py must not claim run.py's --num_processes (CI of
     # session 4: every later in-process import of run.py failed on a duplicate flag).
-    proc = subprocess.run([sys.executable, "-c", "import experiments.launch_local, "
-                           "experiments.run; import jax_robust.distributed as d; "
+    proc = subprocess.run([sys.executable, "-c", "import jax_robust.cli.launch_local, "
+                           "jax_robust.cli.run; import jax_robust.distributed as d; "
                            "assert d.free_port() > 0"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

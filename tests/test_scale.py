@@ -65,7 +65,7 @@ def test_paper_datasets_end_to_end_under_mock_data(tmp_path, argv, capsys):
     tfds = pytest.importorskip("tensorflow_datasets")
     from absl import flags
 
-    from experiments import run as run_binary
+    from jax_robust.cli import run as run_binary
 
     flags.FLAGS.unparse_flags()
     # 12 training points (every class present) in batches of 6: 2 steps.

@@ -336,7 +336,7 @@ def test_certificate_is_never_beaten_by_pgd(digits):
 
 
 def run_binary(*args):
-    return subprocess.run([sys.executable, "-m", "experiments.separation", *args],
+    return subprocess.run([sys.executable, "-m", "jax_robust.cli.separation", *args],
                           capture_output=True, text=True, timeout=300)
 
 
