@@ -1,12 +1,22 @@
 """oneDNN's convolutions (jax_robust.onednn, SpeedConfig.conv_kernels='onednn') against a
 float64 NumPy brute force: the forward, the input gradient and the kernel gradient, over
-strides, asymmetric pads and kernel shapes, in float32 and bfloat16; and where
-layers.onednn_conv must leave a conv to XLA."""
+strides, asymmetric pads and kernel shapes, in float32 and bfloat16; where
+layers.onednn_conv must leave a conv to XLA; every misshapen call refused by name, by the
+Python functions and by the handler itself; and the build: once, under a lock, without
+warnings, for the installed oneDNN only, never at import, off with JAX_ROBUST_ONEDNN=0.
 
+Whatever needs the handler skips, saying why, where `onednn.available()` or
+`onednn.supports()` says it cannot run (no compiler, no oneDNN, JAX_ROBUST_ONEDNN=0, no
+bfloat16 on this CPU); the tests of the refusals in Python and of the reasons run everywhere.
+"""
+
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -16,10 +26,39 @@ import pytest
 
 from jax_robust import layers, onednn
 
+needs_onednn = pytest.mark.skipif(
+    not onednn.supports(jnp.float32),
+    reason=f"oneDNN's convolutions are unavailable here: {onednn.unavailable_reason()}")
+needs_bf16 = pytest.mark.skipif(not onednn.supports(jnp.bfloat16),
+                                reason="this CPU's oneDNN has no bfloat16 convolutions "
+                                       f"({onednn.unavailable_reason() or 'no AVX-512'})")
+needs_compiler = pytest.mark.skipif(onednn._compiler() is None,
+                                    reason="no C++ compiler (g++, c++ or $CXX) here")
 
+
+@needs_onednn
 def test_the_handler_builds_and_loads_here():
-    # CI installs oneDNN and a compiler: a missing handler is a failure, not a skip.
-    assert onednn.available(), onednn.unavailable_reason()
+    """Where it is available, the loaded library is the cached one for this source, flags,
+    jaxlib and installed oneDNN, intact, and describes itself."""
+    assert onednn.unavailable_reason() == ""
+    library = Path(onednn._load()[0]._name)
+    include, lib = onednn._find_onednn()
+    version = onednn._library_version(lib)
+    assert version == onednn._header_version(include)
+    assert library == onednn._library_path(include, lib, version) and onednn._intact(library,
+                                                                                    version)
+    facts = onednn.describe()
+    assert facts["onednn"] == version and facts["library"] == str(library)
+    assert facts["isa"] and "float32" in facts["dtypes"]
+
+
+@needs_onednn
+def test_the_handler_compiles_without_warnings():
+    """Built with -Wall -Wextra (oneDNN's and XLA's headers as system headers), and the
+    compiler said nothing: its output is kept in the library's manifest."""
+    manifest = onednn._manifest(Path(onednn._load()[0]._name))
+    assert " -Wall -Wextra " in manifest["command"] and " -w " not in manifest["command"]
+    assert manifest["warnings"] == ""
 
 
 def padded(x, pads):
@@ -73,6 +112,7 @@ GEOMETRIES = [  # x shape, kernel shape, strides, pads
 ]
 
 
+@needs_onednn
 @pytest.mark.parametrize("x_shape,k_shape,strides,pads", GEOMETRIES)
 def test_conv_and_both_gradients_against_brute_force(x_shape, k_shape, strides, pads):
     rng = np.random.default_rng(0)
@@ -101,22 +141,18 @@ def random_bf16(seed, *shapes):
     return [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes]
 
 
-needs_bf16 = pytest.mark.skipif(not onednn.supports(jnp.bfloat16),
-                                reason="this CPU's oneDNN has no bfloat16 convolutions")
-
-
-def test_bfloat16_support_is_what_the_cpu_has():
+@needs_onednn
+def test_bfloat16_support_decides_what_the_layers_send_to_onednn():
     """oneDNN 3.2 has bf16 convolutions with AVX-512 only; where it has none, a bf16 call fails
     at run time, so `onednn.supports` must say so and the layers must keep XLA's conv."""
-    with open("/proc/cpuinfo") as f:
-        avx512 = " avx512f" in f.read()
-    assert onednn.supports(jnp.float32)
-    assert onednn.supports(jnp.bfloat16) == avx512
-    assert not onednn.supports(jnp.float16)
+    bf16 = onednn.supports(jnp.bfloat16)
+    assert onednn.supports(jnp.float32) and not onednn.supports(jnp.float16)
+    if "avx512" in onednn.describe()["isa"]:  # the ISA oneDNN itself dispatches to
+        assert bf16
     x, k = jnp.ones((2, 6, 6, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 4), jnp.bfloat16)
     text = jax.jit(lambda x, k: layers.onednn_conv(
         x, k, (1, 1), "VALID", dimension_numbers=layers.NHWC)).lower(x, k).as_text()
-    assert (onednn.TARGET in text) == avx512
+    assert (onednn.TARGET in text) == bf16
 
 
 @needs_bf16
@@ -145,6 +181,7 @@ def test_bfloat16_operands_round_like_bfloat16():
         assert np.abs(got - want).max() > 0  # really rounded: the bf16 path ran
 
 
+@needs_onednn
 def test_vmap_over_a_leading_axis_equals_the_loop():
     """The attacks vmap the model over restarts and targets: the batched calls must equal
     one call per slice, gradients included."""
@@ -167,7 +204,7 @@ def test_vmap_over_a_leading_axis_equals_the_loop():
 
 
 @pytest.mark.parametrize("case", ["dilation", "groups", "negative pad", "float16",
-                                  "plain"])
+                                  pytest.param("plain", marks=needs_onednn)])
 def test_onednn_conv_leaves_what_it_does_not_fit_to_xla(case):
     x = jnp.ones((2, 8, 8, 4))
     k = jnp.ones((3, 3, 4, 4))
@@ -187,26 +224,7 @@ def test_onednn_conv_leaves_what_it_does_not_fit_to_xla(case):
     np.testing.assert_allclose(layers.onednn_conv(x, k, **kwargs), want, rtol=1e-6)
 
 
-def test_a_damaged_cached_handler_is_rebuilt(tmp_path):
-    """A truncated .so in the cache (a crash mid-write elsewhere, a full disk) is not
-    trusted: the loader builds it again and the conv runs. (This process's library and its
-    checksum, copied into an empty cache and then truncated: one build, not two.)"""
-    library = Path(onednn._load()[0]._name)
-    for path in (library, onednn._checksum_path(library)):
-        shutil.copy(path, tmp_path / path.name)
-    cached = tmp_path / library.name
-    cached.write_bytes(cached.read_bytes()[:1000])
-    env = {**os.environ, "JAX_ROBUST_CACHE": str(tmp_path)}
-    script = ("from jax_robust import onednn; import jax.numpy as jnp; "
-              "assert onednn.available(), onednn.unavailable_reason(); "
-              "print(float(onednn.conv(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), "
-              "(1, 1), ((0, 0), (0, 0)))[0, 0, 0, 0]))")
-    again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                           text=True, timeout=300, check=False)
-    assert again.returncode == 0 and again.stdout.strip() == "9.0", again.stderr[-2000:]
-    assert cached.stat().st_size > 1000 and onednn._intact(cached)  # rebuilt, checksum new
-
-
+@needs_onednn
 def test_second_order_gradients_match_xla():
     """GR and LLR differentiate the input gradient w.r.t. the weights (double backprop): the
     VJPs of the input and kernel gradients must be right too."""
@@ -232,6 +250,7 @@ def test_second_order_gradients_match_xla():
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
 
 
+@needs_onednn
 def test_a_nan_stays_a_nan_in_bfloat16_kernel_gradients():
     """The handler sums the parts' kernel gradients in float32 and rounds them to bf16 itself:
     a NaN must not round to an infinity (nor vanish), so a run's NaN check still sees it."""
@@ -247,15 +266,7 @@ def test_a_nan_stays_a_nan_in_bfloat16_kernel_gradients():
         np.testing.assert_array_equal(dk[:, :, 1], 36.0)  # 4 images x 3 x 3 outputs
 
 
-def test_shapes_that_do_not_make_a_convolution_are_refused_not_written():
-    """A forward whose declared output is not the conv's shape fails in oneDNN's checks with
-    the handler's message; nothing is computed into a wrongly sized buffer."""
-    x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
-    bad = jax.ShapeDtypeStruct((2, 5, 5, 4), jnp.float32)  # VALID gives 4x4
-    with pytest.raises(Exception, match="onednn_conv"):
-        jax.block_until_ready(onednn._call(0, x, k, bad, (1, 1), ((0, 0), (0, 0))))
-
-
+@needs_onednn
 def test_no_call_fell_back_to_onednns_reference_kernels():
     """oneDNN's `ref` implementations are correct but orders of magnitude slower: a layout or
     dtype the optimised kernels refuse would pass every value test. After a forward and both
@@ -292,6 +303,7 @@ POOL_GEOMETRIES = [((5, 9, 9, 3), (3, 3, 3, 4), (1, 1), ((0, 0), (0, 0))),
                    ((6, 26, 26, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))]
 
 
+@needs_onednn
 @pytest.mark.parametrize("ties,relu", [("split", False), ("first", False), ("split", True)])
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
 def test_conv_pool_equals_the_conv_then_the_pool(geometry, ties, relu, monkeypatch):
@@ -330,6 +342,7 @@ def test_conv_pool_equals_the_conv_then_the_pool(geometry, ties, relu, monkeypat
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
+@needs_onednn
 def test_conv_pool_second_order_gradients_match_the_separate_ops():
     """GR and LLR differentiate input gradients: the fused op's gradients are differentiable
     (their VJPs un-pool in plain JAX); against the separate ops' double backprop."""
@@ -351,6 +364,7 @@ def test_conv_pool_second_order_gradients_match_the_separate_ops():
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
 
 
+@needs_onednn
 def test_conv_pool_marks_nan_windows_as_the_separate_pools_do():
     """A NaN pools to NaN. 'split' sends a NaN window no gradient (no corner equals NaN);
     'first' sends it to corner 3, as max_pool_2x2_first's index does."""
@@ -381,6 +395,7 @@ def test_conv_pool_in_bfloat16_against_the_separate_ops():
         np.testing.assert_allclose(a, b, rtol=0, atol=2 ** -6 * np.abs(b).max())
 
 
+@needs_onednn
 def test_conv_pool_under_vmap_equals_the_loop():
     x_shape, k_shape, strides, pads = POOL_GEOMETRIES[0]
     rng = np.random.default_rng(6)
@@ -397,11 +412,395 @@ def test_conv_pool_under_vmap_equals_the_loop():
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_pool_refuses_a_pooled_shape_that_is_not_the_convs():
-    x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))  # conv 6x6 -> pooled 3x3
-    bad = (jax.ShapeDtypeStruct((2, 2, 2, 4), jnp.float32),
-           jax.ShapeDtypeStruct((2, 2, 2, 4), jnp.uint8))
-    with pytest.raises(Exception, match="onednn_conv_pool: the pooled shape"):
-        jax.block_until_ready(onednn._pool_call(
-            "forward", bad, x, k, ties_first=np.int64(0), chunk_bytes=np.int64(1 << 16),
-            relu_input=np.int64(0), **onednn._geometry((1, 1), ((0, 0), (0, 0)))))
+# ------------------------------------------------------------------ misshapen calls, refused
+# Every function with each kind of mismatch (batch, channels, image size, kernel shape, and
+# mask where there is one): the Python check raises ValueError naming it; the handler itself,
+# called through jax.ffi.ffi_call past those checks, refuses the same call with the same
+# words (jax.errors.JaxRuntimeError) before reading or writing anything.
+
+STRIDES, PADS = (1, 1), ((0, 0), (0, 0))
+# x, kernel, conv output and pooled output of one call; the mask is the pooled output's
+# shape unless a case says otherwise.
+BASE = {"x": (2, 6, 6, 3), "kernel": (3, 3, 3, 4), "y": (2, 4, 4, 4), "pooled": (2, 2, 2, 4)}
+
+
+def shapes_with(overrides):
+    shapes = {**BASE, **overrides}
+    shapes.setdefault("mask", shapes["pooled"])
+    return shapes
+
+
+def zeros(shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+PUBLIC_CALLS = {
+    "conv": lambda s: onednn.conv(zeros(s["x"]), zeros(s["kernel"]), STRIDES, PADS),
+    "input_grad": lambda s: onednn.input_grad(zeros(s["y"]), zeros(s["kernel"]), STRIDES,
+                                              PADS, s["x"]),
+    "kernel_grad": lambda s: onednn.kernel_grad(zeros(s["x"]), zeros(s["y"]), STRIDES, PADS,
+                                                s["kernel"]),
+    "conv_pool": lambda s: onednn.conv_pool(zeros(s["x"]), zeros(s["kernel"]), STRIDES, PADS,
+                                            "split"),
+    "pool_input_grad": lambda s: onednn.pool_input_grad(
+        zeros(s["pooled"]), zeros(s["mask"], jnp.uint8), zeros(s["kernel"]), zeros(s["x"]),
+        STRIDES, PADS, True),
+    "pool_kernel_grad": lambda s: onednn.pool_kernel_grad(
+        zeros(s["x"]), zeros(s["pooled"]), zeros(s["mask"], jnp.uint8), STRIDES, PADS,
+        s["kernel"], True),
+    "unpool": lambda s: onednn.unpool(zeros(s["pooled"]), zeros(s["mask"], jnp.uint8),
+                                      s["y"]),
+}
+
+
+def ffi(target, out, *operands, **attrs):
+    """The handler called as XLA calls it, with no check of ours in between."""
+    return jax.block_until_ready(jax.ffi.ffi_call(target, out)(*operands, **attrs))
+
+
+def out(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+GEOMETRY = {k: v for k, v in onednn._geometry(STRIDES, PADS).items()}
+POOL_ATTRS = {"chunk_bytes": np.int64(1 << 16), "relu_input": np.int64(1), **GEOMETRY}
+POOL = {name: target for name, (target, _) in onednn.POOL_TARGETS.items()}
+HANDLER_CALLS = {
+    "conv": lambda s: ffi(onednn.TARGET, out(s["y"]), zeros(s["x"]), zeros(s["kernel"]),
+                          kind=np.int64(0), **GEOMETRY),
+    "input_grad": lambda s: ffi(onednn.TARGET, out(s["x"]), zeros(s["y"]), zeros(s["kernel"]),
+                                kind=np.int64(1), **GEOMETRY),
+    "kernel_grad": lambda s: ffi(onednn.TARGET, out(s["kernel"]), zeros(s["x"]),
+                                 zeros(s["y"]), kind=np.int64(2), **GEOMETRY),
+    "conv_pool": lambda s: ffi(POOL["forward"], (out(s["pooled"]), out(s["mask"], jnp.uint8)),
+                               zeros(s["x"]), zeros(s["kernel"]), ties_first=np.int64(0),
+                               **POOL_ATTRS),
+    "pool_input_grad": lambda s: ffi(POOL["input_grad"], out(s["x"]), zeros(s["pooled"]),
+                                     zeros(s["mask"], jnp.uint8), zeros(s["kernel"]),
+                                     zeros(s["x"]), **POOL_ATTRS),
+    "pool_kernel_grad": lambda s: ffi(POOL["kernel_grad"], out(s["kernel"]), zeros(s["x"]),
+                                      zeros(s["pooled"]), zeros(s["mask"], jnp.uint8),
+                                      **POOL_ATTRS),
+}
+
+# (function, mismatch, shapes changed, the message after "onednn <function>: ").
+MISMATCHES = [
+    # conv and conv_pool take one batched operand: no batch mismatch (the handler's own
+    # check of their outputs is in HANDLER_MISMATCHES).
+    ("conv", "channels", {"x": (2, 6, 6, 5)}, "x channels 5 != kernel input channels 3"),
+    ("conv", "spatial", {"x": (2, 2, 6, 3)}, "kernel height 3 > x height 2 + pads 0+0"),
+    ("conv", "kernel", {"kernel": (3, 3, 3)}, "kernel shape (3, 3, 3) is not 4-D"),
+    ("input_grad", "batch", {"x": (64, 6, 6, 3)}, "x_shape batch 64 != gradient batch 2"),
+    ("input_grad", "channels", {"y": (2, 4, 4, 5)},
+     "gradient channels 5 != kernel output channels 4"),
+    ("input_grad", "spatial", {"x": (2, 9, 6, 3)}, "gradient height 4 != 7 (the conv's height "
+     "for x_shape height 9, kernel height 3, stride 1, pads 0+0)"),
+    ("input_grad", "kernel", {"kernel": (5, 5, 3, 4)}, "gradient height 4 != 2 (the conv's "
+     "height for x_shape height 6, kernel height 5, stride 1, pads 0+0)"),
+    ("kernel_grad", "batch", {"y": (64, 4, 4, 4)}, "x batch 2 != gradient batch 64"),
+    ("kernel_grad", "channels", {"kernel": (3, 3, 5, 4)},
+     "x channels 3 != k_shape input channels 5"),
+    ("kernel_grad", "spatial", {"y": (2, 4, 5, 4)}, "gradient width 5 != 4 (the conv's width "
+     "for x width 6, k_shape width 3, stride 1, pads 0+0)"),
+    ("kernel_grad", "kernel", {"kernel": (2, 3, 3, 4)}, "gradient height 4 != 5 (the conv's "
+     "height for x height 6, k_shape height 2, stride 1, pads 0+0)"),
+    ("conv_pool", "channels", {"x": (2, 6, 6, 5)}, "x channels 5 != kernel input channels 3"),
+    ("conv_pool", "spatial", {"x": (2, 3, 6, 3)}, "the conv output's height 1 has no 2x2 "
+     "window (x height 3, kernel height 3, stride 1, pads 0+0)"),
+    ("conv_pool", "kernel", {"kernel": (7, 3, 3, 4)}, "kernel height 7 > x height 6 + pads 0+0"),
+    ("pool_input_grad", "batch", {"x": (64, 6, 6, 3)}, "x batch 64 != gradient batch 2"),
+    ("pool_input_grad", "channels", {"pooled": (2, 2, 2, 5)},
+     "gradient channels 5 != kernel output channels 4"),
+    ("pool_input_grad", "spatial", {"pooled": (2, 3, 2, 4)}, "gradient height 3 != 2 (the "
+     "pooled conv's height for x height 6, kernel height 3, stride 1, pads 0+0)"),
+    ("pool_input_grad", "kernel", {"kernel": (5, 5, 3, 4)}, "gradient height 2 != 1 (the "
+     "pooled conv's height for x height 6, kernel height 5, stride 1, pads 0+0)"),
+    ("pool_input_grad", "mask", {"mask": (2, 2, 2, 5)},
+     "mask shape (2, 2, 2, 5) != gradient shape (2, 2, 2, 4)"),
+    ("pool_kernel_grad", "batch", {"pooled": (64, 2, 2, 4)}, "x batch 2 != gradient batch 64"),
+    ("pool_kernel_grad", "channels", {"kernel": (3, 3, 5, 4)},
+     "x channels 3 != k_shape input channels 5"),
+    ("pool_kernel_grad", "spatial", {"pooled": (2, 2, 1, 4)}, "gradient width 1 != 2 (the "
+     "pooled conv's width for x width 6, k_shape width 3, stride 1, pads 0+0)"),
+    ("pool_kernel_grad", "kernel", {"kernel": (5, 5, 3, 4)}, "gradient height 2 != 1 (the "
+     "pooled conv's height for x height 6, k_shape height 5, stride 1, pads 0+0)"),
+    ("pool_kernel_grad", "mask", {"mask": (1, 2, 2, 4)},
+     "mask shape (1, 2, 2, 4) != gradient shape (2, 2, 2, 4)"),
+    ("unpool", "batch", {"y": (64, 4, 4, 4)}, "y_shape batch 64 != gradient batch 2"),
+    ("unpool", "channels", {"y": (2, 4, 4, 5)}, "y_shape channels 5 != gradient channels 4"),
+    ("unpool", "spatial", {"y": (2, 7, 4, 4)},
+     "gradient height 2 != 3 (the pooled height for y_shape height 7)"),
+    ("unpool", "mask", {"mask": (2, 2, 2, 5)},
+     "mask shape (2, 2, 2, 5) != gradient shape (2, 2, 2, 4)"),
+]
+# What only a call past the Python functions can get wrong: the results' shapes.
+HANDLER_MISMATCHES = [
+    ("conv", "batch", {"y": (3, 4, 4, 4)}, "x batch 2 != output batch 3"),
+    ("conv", "output channels", {"y": (2, 4, 4, 5)},
+     "output channels 5 != kernel output channels 4"),
+    ("conv", "output spatial", {"y": (2, 4, 3, 4)}, "output width 3 != 4 (the conv's width for "
+     "x width 6, kernel width 3, stride 1, pads 0+0)"),
+    ("conv_pool", "batch", {"pooled": (3, 2, 2, 4)}, "x batch 2 != output batch 3"),
+    ("conv_pool", "output spatial", {"pooled": (2, 3, 2, 4)}, "output height 3 != 2 (the "
+     "pooled conv's height for x height 6, kernel height 3, stride 1, pads 0+0)"),
+    ("conv_pool", "mask", {"mask": (2, 2, 2, 5)},
+     "mask shape (2, 2, 2, 5) != output shape (2, 2, 2, 4)"),
+]
+
+
+def case_id(case):
+    return f"{case[0]}-{case[1].replace(' ', '_')}"
+
+
+@pytest.mark.parametrize("case", MISMATCHES, ids=case_id)
+def test_each_function_refuses_each_mismatch_by_name(case):
+    """Checked where the call is traced (no oneDNN needed): one ValueError naming the
+    function and the mismatch."""
+    function, _, overrides, message = case
+    with pytest.raises(ValueError, match=re.escape(f"onednn {function}: {message}")):
+        PUBLIC_CALLS[function](shapes_with(overrides))
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", [c for c in MISMATCHES if c[0] != "unpool"]
+                         + HANDLER_MISMATCHES, ids=case_id)
+def test_the_handler_refuses_each_mismatch_on_its_own(case):
+    """The same calls straight to the FFI targets: the C++ refuses each with the same words,
+    one JaxRuntimeError (XLA's INVALID_ARGUMENT), before anything is read or written."""
+    function, _, overrides, message = case
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=re.escape(f"INVALID_ARGUMENT: onednn {function}: {message}")):
+        HANDLER_CALLS[function](shapes_with(overrides))
+
+
+def test_dtypes_and_geometry_that_do_not_fit_are_refused_by_name():
+    x, k = zeros(BASE["x"]), zeros(BASE["kernel"])
+    for call, message in (
+            (lambda: onednn.conv(x, k.astype(jnp.bfloat16), STRIDES, PADS),
+             "onednn conv: kernel dtype bfloat16 != x dtype float32"),
+            (lambda: onednn.kernel_grad(x.astype(jnp.float16), zeros(BASE["y"], jnp.float16),
+                                        STRIDES, PADS, BASE["kernel"]),
+             "onednn kernel_grad: float32 or bfloat16 only: x is float16"),
+            (lambda: onednn.conv(x, k, (0, 1), PADS),
+             "onednn conv: strides (0, 1) are not >= 1"),
+            (lambda: onednn.conv_pool(x, k, STRIDES, ((0, -1), (0, 0)), "split"),
+             "onednn conv_pool: pads ((0, -1), (0, 0)) are not >= 0"),
+            (lambda: onednn.pool_kernel_grad(x, zeros(BASE["pooled"]),
+                                             zeros(BASE["pooled"]), STRIDES, PADS,
+                                             BASE["kernel"], False),
+             "onednn pool_kernel_grad: mask dtype float32 != uint8")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+@needs_onednn
+def test_the_handler_refuses_dtypes_and_kinds_it_has_no_convolution_for():
+    x, k = zeros(BASE["x"]), zeros(BASE["kernel"])
+    for call, message in (
+            (lambda: ffi(onednn.TARGET, out(BASE["y"]), x, k.astype(jnp.bfloat16),
+                         kind=np.int64(0), **GEOMETRY),
+             "onednn conv: kernel dtype bfloat16 != x dtype float32"),
+            (lambda: ffi(onednn.TARGET, out(BASE["kernel"], jnp.float16),
+                         x.astype(jnp.float16), zeros(BASE["y"], jnp.float16),
+                         kind=np.int64(2), **GEOMETRY),
+             "onednn kernel_grad: float32 or bfloat16 only: x is float16"),
+            (lambda: ffi(onednn.TARGET, out(BASE["y"]), x, k, kind=np.int64(3), **GEOMETRY),
+             "onednn_conv: kind 3 is not 0, 1 or 2"),
+            (lambda: ffi(onednn.TARGET, out(BASE["y"]), x, k, kind=np.int64(0),
+                         **{**GEOMETRY, "stride_w": np.int64(0)}),
+             "onednn conv: strides (1, 0) are not >= 1"),
+            (lambda: ffi(POOL["kernel_grad"], out(BASE["kernel"]), x, zeros(BASE["pooled"]),
+                         zeros(BASE["pooled"], jnp.uint8),
+                         **{**POOL_ATTRS, "chunk_bytes": np.int64(0)}),
+             "onednn pool_kernel_grad: chunk_bytes 0 is not >= 1")):
+        with pytest.raises(jax.errors.JaxRuntimeError, match=re.escape(message)):
+            call()
+
+
+@needs_onednn
+def test_an_empty_batch_has_a_zero_kernel_gradient():
+    """A batch of 0 is a call with nothing to read: the kernel gradients are zeros (not a
+    previous call's partial sums left in the handler's buffers)."""
+    x, g = jnp.ones((3, 6, 6, 3)), jnp.ones((3, 4, 4, 4))
+    mask = jnp.full((3, 2, 2, 4), 1, jnp.uint8)
+    assert float(onednn.kernel_grad(x, g, STRIDES, PADS, (3, 3, 3, 4)).sum()) != 0
+    assert float(onednn.pool_kernel_grad(x, g[:, :2, :2], mask, STRIDES, PADS, (3, 3, 3, 4),
+                                         False).sum()) != 0
+    empty = jnp.zeros((0, 6, 6, 3))
+    np.testing.assert_array_equal(onednn.kernel_grad(empty, jnp.zeros((0, 4, 4, 4)), STRIDES,
+                                                     PADS, (3, 3, 3, 4)), 0)
+    np.testing.assert_array_equal(onednn.pool_kernel_grad(
+        empty, jnp.zeros((0, 2, 2, 4)), jnp.zeros((0, 2, 2, 4), jnp.uint8), STRIDES, PADS,
+        (3, 3, 3, 4), False), 0)
+    assert onednn.conv_pool(empty, jnp.ones((3, 3, 3, 4)), STRIDES, PADS, "split").shape == (
+        0, 2, 2, 4)
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def run_python(code_or_args, env, timeout=300):
+    """`python -c code` (a str) or `python *args` (a list) in a subprocess with env."""
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def env_with(**changes):
+    """os.environ with `changes` (None removes a variable)."""
+    env = {k: v for k, v in os.environ.items() if k not in changes}
+    env.update({k: v for k, v in changes.items() if v is not None})
+    return env
+
+
+CONV_AND_PRINT = ("from jax_robust import onednn; import jax.numpy as jnp; "
+                  "assert onednn.available(), onednn.unavailable_reason(); "
+                  "print(float(onednn.conv(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), "
+                  "(1, 1), ((0, 0), (0, 0)))[0, 0, 0, 0]))")
+
+
+def counting_compiler(tmp_path):
+    """A $CXX that notes each build in tmp_path/builds, then runs the real compiler."""
+    log, script = tmp_path / "builds", tmp_path / "cxx"
+    script.write_text(f"#!/bin/sh\necho build >> {log}\nexec {onednn._compiler()[0]} \"$@\"\n")
+    script.chmod(0o755)
+    return str(script), log
+
+
+@needs_onednn
+def test_a_damaged_cached_handler_is_rebuilt(tmp_path):
+    """A truncated .so in the cache (a crash mid-write elsewhere, a full disk) is not
+    trusted: the loader builds it again and the conv runs. (This process's library and its
+    manifest, copied into an empty cache and then truncated: one build, not two.)"""
+    library = Path(onednn._load()[0]._name)
+    for path in (library, onednn._manifest_path(library)):
+        shutil.copy(path, tmp_path / path.name)
+    cached = tmp_path / library.name
+    cached.write_bytes(cached.read_bytes()[:1000])
+    again = run_python(CONV_AND_PRINT, env_with(JAX_ROBUST_CACHE=str(tmp_path)))
+    assert again.returncode == 0 and again.stdout.strip() == "9.0", again.stderr[-2000:]
+    version = onednn.describe()["onednn"]
+    assert cached.stat().st_size > 1000 and onednn._intact(cached, version)  # rebuilt
+
+
+@needs_onednn
+def test_a_library_built_against_another_onednn_is_rebuilt_never_loaded(tmp_path):
+    """The cache key holds oneDNN's version (another version: another name), and the manifest
+    says which version a library was built against: one that says another version is built
+    again, however intact. Here the cached 'library' is junk with a matching sha256, so
+    loading it would fail: the conv runs, so it was rebuilt and not loaded."""
+    include, lib = onednn._find_onednn()
+    version = onednn._library_version(lib)
+    assert onednn._library_path(include, lib, version) != onednn._library_path(
+        include, lib, "3.1.0 (another)")
+    library = Path(onednn._load()[0]._name)
+    cached = tmp_path / library.name
+    cached.write_bytes(b"not a library")
+    manifest = {**onednn._manifest(library), "onednn": "3.1.0 (another)",
+                "sha256": onednn._sha256(cached)}
+    onednn._manifest_path(cached).write_text(json.dumps(manifest))
+    assert not onednn._intact(cached, version)
+    again = run_python(CONV_AND_PRINT, env_with(JAX_ROBUST_CACHE=str(tmp_path)))
+    assert again.returncode == 0 and again.stdout.strip() == "9.0", again.stderr[-2000:]
+    assert onednn._manifest(cached)["onednn"] == version and onednn._intact(cached, version)
+
+
+@needs_onednn
+@needs_compiler
+def test_concurrent_first_runs_build_once(tmp_path):
+    """Two processes with an empty cache: both wait on the build lock (held here until both
+    have started), then one builds and the other finds its library."""
+    cxx, log = counting_compiler(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = env_with(JAX_ROBUST_CACHE=str(cache), CXX=cxx)
+    code = ("import sys; from jax_robust import onednn; print('started', flush=True); "
+            "sys.stdin.readline(); " + CONV_AND_PRINT.split("; ", 1)[1])
+    with onednn._build_lock(cache):
+        runs = [subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for _ in range(2)]
+        for run in runs:
+            assert run.stdout.readline().strip() == "started"
+        for run in runs:  # both go on to the lock at once
+            run.stdin.write("\n")
+            run.stdin.flush()
+        time.sleep(2)
+        assert not log.exists()  # nobody built while the lock was held
+    results = [run.communicate(timeout=300) for run in runs]
+    for run, (stdout, stderr) in zip(runs, results):
+        assert run.returncode == 0 and stdout.split() == ["9.0"], stderr[-2000:]
+    assert log.read_text().split() == ["build"]
+    assert len(list(cache.glob("onednn_conv-*.so"))) == 1
+
+
+def test_importing_the_handler_or_the_models_builds_nothing(tmp_path):
+    """Importing jax_robust.onednn (and the layers and models that use it) builds and loads
+    nothing: the build happens on the first available(), supports() or call."""
+    cxx, log = tmp_path / "cxx", tmp_path / "builds"
+    cxx.write_text(f"#!/bin/sh\necho build >> {log}\nexit 1\n")
+    cxx.chmod(0o755)
+    cache = tmp_path / "cache"
+    code = ("import sys; import jax_robust.onednn, jax_robust.layers, jax_robust.models; "
+            "assert jax_robust.onednn._load_once.cache_info().currsize == 0; "
+            "import os; maps = '/proc/self/maps'; assert not os.path.exists(maps) or "
+            "not any('libdnnl' in line for line in open(maps))")
+    done = run_python(code, env_with(JAX_ROBUST_CACHE=str(cache), CXX=str(cxx)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not log.exists() and not cache.exists()
+
+
+def test_the_switch_turns_the_handler_off_with_its_reason(tmp_path):
+    """JAX_ROBUST_ONEDNN=0: unavailable, saying so, before anything is built or loaded; a
+    call raises that reason; `python -m jax_robust.onednn` exits 1 with it in one line."""
+    env = env_with(JAX_ROBUST_ONEDNN="0", JAX_ROBUST_CACHE=str(tmp_path / "cache"))
+    code = ("from jax_robust import onednn; import jax.numpy as jnp\n"
+            "assert not onednn.available() and not onednn.supports(jnp.float32)\n"
+            "print(onednn.unavailable_reason())\n"
+            "try:\n"
+            "    onednn.conv(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), (1, 1), "
+            "((0, 0), (0, 0)))\n"
+            "except RuntimeError as err:\n"
+            "    print(err)\n")
+    done = run_python(code, env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason, raised = done.stdout.splitlines()
+    assert reason == "turned off by JAX_ROBUST_ONEDNN=0" and reason in raised
+    cli = run_python(["-m", "jax_robust.onednn"], env)
+    assert cli.returncode == 1 and cli.stdout == ""
+    assert cli.stderr.strip().splitlines() == [
+        "oneDNN handler unusable: oneDNN's convolutions are unavailable: turned off by "
+        "JAX_ROBUST_ONEDNN=0"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_without_a_compiler_the_reason_says_so(tmp_path):
+    """No g++ on PATH, $CXX unset, an empty cache: unavailable, the reason says why in one
+    line, and `python -m jax_robust.onednn` exits 1 with it."""
+    bare = tmp_path / "bin"  # a PATH with no compiler on it
+    bare.mkdir()
+    env = env_with(PATH=str(bare), CXX=None, JAX_ROBUST_ONEDNN=None,
+                   JAX_ROBUST_CACHE=str(tmp_path / "cache"))
+    done = run_python("from jax_robust import onednn; assert not onednn.available(); "
+                      "print(onednn.unavailable_reason())", env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason = done.stdout.strip()
+    want = ("built for Linux only" if sys.platform != "linux"
+            else "oneDNN 3 is not installed" if onednn._find_onednn() is None
+            else "no C++ compiler")
+    assert want in reason and "\n" not in reason
+    cli = run_python(["-m", "jax_robust.onednn"], env)
+    assert cli.returncode == 1 and want in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
+
+
+@needs_onednn
+def test_python_m_reports_the_version_the_isa_and_the_library():
+    done = run_python(["-m", "jax_robust.onednn"], env_with())
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = onednn.describe()
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"oneDNN {facts['onednn']}"
+    assert lines[1].startswith(f"ISA: {facts['isa']} ") and "forward " in lines[1]
+    assert f"library: {facts['library']}" in lines
+    assert "build warnings: none" in lines

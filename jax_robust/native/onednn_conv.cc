@@ -27,23 +27,33 @@
 // wait turns short once it manages more threads than there are CPUs): -35% on PyTorch's AT
 // step, measured (BUILD_NOTES.md).
 //
+// Every call is checked before anything is read or written: dtypes (one of float32 and
+// bfloat16 for all), strides >= 1, pads >= 0, and that batch, channels, image sizes (given
+// strides and pads) and kernel shape of all operands and the result make one convolution
+// (kinds 3-5: its pooled output, and the mask of that shape). A misshapen call returns
+// INVALID_ARGUMENT naming the first mismatch in the Python function's terms, e.g.
+// "onednn kernel_grad: x batch 2 != gradient batch 64" (Mismatch below; onednn.py makes the
+// same checks first). An empty batch computes nothing (kernel gradients of zeros).
+//
 // Activations are read and written in place (oneDNN's nhwc). Kernels are reordered to the
 // blocked layout the chosen implementation wants, a few KB per call; kernel gradients are
 // summed over the parts in float32, in part order. Primitives are built once per shape and
 // cached; scratchpads are per call, so concurrent calls are safe.
 
 #include <algorithm>
-#include <exception>
 #include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -483,14 +493,145 @@ void Work(const std::shared_ptr<Job>& job) {
 
 memory::dims Dims(ffi::AnyBuffer::Dimensions d) { return memory::dims(d.begin(), d.end()); }
 
-// Runs `job` (kind, whole shapes, geometry and pointers set) over the intra-op pool; `dk`:
-// the kernel gradient's output (kinds 2, 5) in dtype `tk`.
+// ---------------------------------------------------------------- refusing misshapen calls
+//
+// Every call's operands and result are checked against each other before anything is read or
+// written: a shape XLA was told that is not the convolution's would otherwise be read or
+// written out of bounds (oneDNN sees one part of the batch at a time and cannot tell). The
+// messages name the kind by its Python function and the operands by its parameters, as
+// jax_robust/onednn.py's own checks (the same rules, the same words) do.
+
+// A kind's function and the names of its conv input, kernel and conv output (or pooled
+// output) roles, whether operand or result.
+struct Names {
+  const char *call, *x, *k, *y;
+};
+
+const Names& NamesOf(int64_t kind) {
+  static const Names names[6] = {{"conv", "x", "kernel", "output"},
+                                 {"input_grad", "x_shape", "kernel", "gradient"},
+                                 {"kernel_grad", "x", "k_shape", "gradient"},
+                                 {"conv_pool", "x", "kernel", "output"},
+                                 {"pool_input_grad", "x", "kernel", "gradient"},
+                                 {"pool_kernel_grad", "x", "k_shape", "gradient"}};
+  return names[kind];
+}
+
+ffi::Error Refuse(int64_t kind, const std::string& why) {
+  return ffi::Error::InvalidArgument("onednn " + std::string(NamesOf(kind).call) + ": " + why);
+}
+
+// As Python prints a shape tuple: "(2, 6, 6, 3)".
+std::string ShapeText(const memory::dims& d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + (d.size() == 1 ? ",)" : ")");
+}
+
+std::string TypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::F64: return "float64";
+    default: return "XLA type " + std::to_string(int(t));
+  }
+}
+
+// "" when the first role is float32 or bfloat16 and every other role is of its dtype.
+std::string DtypeMismatch(
+    std::initializer_list<std::pair<const char*, ffi::DataType>> roles) {
+  const auto& first = *roles.begin();
+  if (DnnlType(first.second) == memory::data_type::undef) {
+    return std::string("float32 or bfloat16 only: ") + first.first + " is " +
+           TypeName(first.second);
+  }
+  for (const auto& [name, type] : roles) {
+    if (type != first.second) {
+      return std::string(name) + " dtype " + TypeName(type) + " != " + first.first + " dtype " +
+             TypeName(first.second);
+    }
+  }
+  return "";
+}
+
+// "" when x [n, h, w, i], kernel [kh, kw, i, o] and y [n, ho, wo, o] make one convolution
+// with strides geo[0:2] and pads geo[2:6] ((top, bottom, left, right)), else the first
+// mismatch. With `pooled`, y is the shape of the conv output's 2x2/2 max-pool (floor mode):
+// [n, ho / 2, wo / 2, o], ho and wo at least 2. An empty batch is a call with nothing to do.
+std::string Mismatch(const Names& names, const memory::dims& x, const memory::dims& k,
+                     const memory::dims& y, const std::array<int64_t, 6>& geo, bool pooled) {
+  const std::pair<const char*, const memory::dims*> roles[3] = {
+      {names.x, &x}, {names.k, &k}, {names.y, &y}};
+  for (const auto& [name, d] : roles) {
+    if (d->size() != 4) return std::string(name) + " shape " + ShapeText(*d) + " is not 4-D";
+  }
+  auto text = [](int64_t v) { return std::to_string(v); };
+  if (geo[0] < 1 || geo[1] < 1) {
+    return "strides (" + text(geo[0]) + ", " + text(geo[1]) + ") are not >= 1";
+  }
+  if (*std::min_element(geo.begin() + 2, geo.end()) < 0) {
+    return "pads ((" + text(geo[2]) + ", " + text(geo[3]) + "), (" + text(geo[4]) + ", " +
+           text(geo[5]) + ")) are not >= 0";
+  }
+  // Sizes of 0: x's image and channels, any of the kernel's (y's follow from them).
+  if (*std::min_element(x.begin() + 1, x.end()) < 1) {
+    return std::string(names.x) + " shape " + ShapeText(x) + " has an empty image or channels";
+  }
+  if (*std::min_element(k.begin(), k.end()) < 1) {
+    return std::string(names.k) + " shape " + ShapeText(k) + " has a size of 0";
+  }
+  if (x[0] != y[0]) {
+    return std::string(names.x) + " batch " + text(x[0]) + " != " + names.y + " batch " +
+           text(y[0]);
+  }
+  if (x[3] != k[2]) {
+    return std::string(names.x) + " channels " + text(x[3]) + " != " + names.k +
+           " input channels " + text(k[2]);
+  }
+  if (y[3] != k[3]) {
+    return std::string(names.y) + " channels " + text(y[3]) + " != " + names.k +
+           " output channels " + text(k[3]);
+  }
+  const char* axes[2] = {"height", "width"};
+  for (int a = 0; a < 2; ++a) {
+    std::string axis = axes[a];
+    int64_t size = x[1 + a], kernel = k[a], stride = geo[a];
+    int64_t lo = geo[2 + 2 * a], hi = geo[3 + 2 * a];
+    std::string pads = " + pads " + text(lo) + "+" + text(hi);
+    if (size + lo + hi < kernel) {
+      return std::string(names.k) + " " + axis + " " + text(kernel) + " > " + names.x + " " +
+             axis + " " + text(size) + pads;
+    }
+    std::string how = std::string(names.x) + " " + axis + " " + text(size) + ", " + names.k +
+                      " " + axis + " " + text(kernel) + ", stride " + text(stride) + ", pads " +
+                      text(lo) + "+" + text(hi);
+    int64_t conv = (size + lo + hi - kernel) / stride + 1;
+    if (pooled && conv < 2) {
+      return "the conv output's " + axis + " " + text(conv) + " has no 2x2 window (" + how + ")";
+    }
+    int64_t want = pooled ? conv / 2 : conv;
+    if (y[1 + a] != want) {
+      return std::string(names.y) + " " + axis + " " + text(y[1 + a]) + " != " + text(want) +
+             " (the " + (pooled ? "pooled " : "") + "conv's " + axis + " for " + how + ")";
+    }
+  }
+  return "";
+}
+
+// Runs `job` (kind, whole shapes, geometry and pointers set, every shape checked) over the
+// intra-op pool; `dk`: the kernel gradient's output (kinds 2, 5) in dtype `tk`.
 ffi::Error Launch(const std::shared_ptr<Job>& job, ffi::ThreadPool& pool, void* dk,
                   memory::data_type tk) {
+  std::string name = std::string("onednn ") + NamesOf(job->kind).call + ": ";
   job->n = job->whole.x[0];
   job->parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), job->n));
   int64_t conv_kind = job->kind % 3;
   size_t k_count = job->whole.k[0] * job->whole.k[1] * job->whole.k[2] * job->whole.k[3];
+  if (job->n == 0) {  // an empty batch: nothing to read, a kernel gradient of zeros
+    if (conv_kind == 2) std::memset(dk, 0, k_count * Bytes(tk));
+    return ffi::Error::Success();
+  }
   try {
     SingleThreaded one;
     auto& eng = Engine();
@@ -513,7 +654,7 @@ ffi::Error Launch(const std::shared_ptr<Job>& job, ffi::ThreadPool& pool, void* 
       stream.wait();
     }
   } catch (const std::exception& err) {
-    return ffi::Error::Internal(std::string("onednn_conv: ") + err.what());
+    return ffi::Error::Internal(name + err.what());
   }
   for (int64_t t = 1; t < job->parts; ++t) pool.Schedule([job] { Work(job); });
   Work(job);
@@ -521,7 +662,7 @@ ffi::Error Launch(const std::shared_ptr<Job>& job, ffi::ThreadPool& pool, void* 
     std::unique_lock<std::mutex> guard(job->lock);
     job->finished.wait(guard, [&] { return job->done == job->parts; });
   }
-  if (!job->error.empty()) return ffi::Error::Internal("onednn_conv: " + job->error);
+  if (!job->error.empty()) return ffi::Error::Internal(name + job->error);
   if (conv_kind == 2) {  // sum the parts' float32 gradients in part order, then store
     float* sum = job->kernel_partial[0];
     for (int64_t p = 1; p < job->parts; ++p) {
@@ -538,61 +679,68 @@ ffi::Error Launch(const std::shared_ptr<Job>& job, ffi::ThreadPool& pool, void* 
   return ffi::Error::Success();
 }
 
-bool Float(memory::data_type t) { return t != memory::data_type::undef; }
-
 ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c,
                     ffi::ThreadPool pool, int64_t kind, int64_t stride_h, int64_t stride_w,
                     int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  memory::data_type ta = DnnlType(a.element_type()), tb = DnnlType(b.element_type()),
-                    tc = DnnlType(c->element_type());
-  if (!Float(ta) || !Float(tb) || !Float(tc)) {
-    return ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 buffers only");
+  if (kind < 0 || kind > 2) {
+    return ffi::Error::InvalidArgument("onednn_conv: kind " + std::to_string(kind) +
+                                       " is not 0, 1 or 2");
   }
-  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || c->dimensions().size() != 4 ||
-      kind < 0 || kind > 2) {
-    return ffi::Error::InvalidArgument("onednn_conv: rank-4 operands and kind 0, 1 or 2");
-  }
+  // The operands and result in their roles' order: (x, kernel, output), (gradient, kernel,
+  // x_shape) or (x, gradient, k_shape), as the Python functions take them.
+  const Names& names = NamesOf(kind);
+  const char* role[3] = {kind == 1 ? names.y : names.x, kind == 2 ? names.y : names.k,
+                         kind == 0 ? names.y : (kind == 1 ? names.x : names.k)};
+  std::string why = DtypeMismatch({{role[0], a.element_type()}, {role[1], b.element_type()},
+                                   {role[2], c->element_type()}});
+  memory::data_type t = DnnlType(a.element_type());
   auto job = std::make_shared<Job>();
   job->kind = kind;
   job->geo = {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
   job->whole = Roles(kind, Dims(a.dimensions()), Dims(b.dimensions()), Dims(c->dimensions()),
-                     ta, tb, tc);
+                     t, t, t);
+  if (why.empty()) why = Mismatch(names, job->whole.x, job->whole.k, job->whole.y, job->geo, false);
+  if (!why.empty()) return Refuse(kind, why);
   char* pa = static_cast<char*>(a.untyped_data());
   char* pb = static_cast<char*>(b.untyped_data());
   char* pc = static_cast<char*>(c->untyped_data());
   job->x = kind == 1 ? pc : pa;
   job->y = kind == 0 ? pc : (kind == 1 ? pa : pb);
   job->k = kind == 2 ? pc : pb;
-  return Launch(job, pool, pc, tc);
+  return Launch(job, pool, pc, t);
 }
 
-// Kinds 3-5. x: the conv input (kinds 3, 5) or its gradient (4); k: the kernel (3, 4) or its
-// gradient (5); pooled: p (3) or its gradient (4, 5); mask written (3) or read (4, 5).
-ffi::Error PooledImpl(int64_t kind, ffi::AnyBuffer::Dimensions x_dims, memory::data_type tx,
-                      void* x, ffi::AnyBuffer::Dimensions k_dims, memory::data_type tk, void* k,
-                      ffi::AnyBuffer::Dimensions p_dims, memory::data_type tp, void* pooled,
+// Kinds 3-5, their dtypes checked. x: the conv input (kinds 3, 5) or its gradient (4); k: the
+// kernel (3, 4) or its gradient (5); pooled: p (3) or its gradient (4, 5); mask written (3) or
+// read (4, 5); relu_x (4): x, read with relu_input only.
+ffi::Error PooledImpl(int64_t kind, ffi::AnyBuffer::Dimensions x_dims, memory::data_type t,
+                      void* x, ffi::AnyBuffer::Dimensions k_dims, void* k,
+                      ffi::AnyBuffer::Dimensions p_dims, void* pooled,
                       ffi::AnyBuffer::Dimensions mask_dims, uint8_t* mask, ffi::ThreadPool& pool,
                       const std::array<int64_t, 6>& geo, int64_t ties_first,
                       int64_t chunk_bytes, int64_t relu_input,
                       const ffi::AnyBuffer* relu_x = nullptr) {
-  if (!Float(tx) || !Float(tk) || tp != tx) {
-    return ffi::Error::InvalidArgument(
-        "onednn_conv_pool: float32 or bfloat16 buffers, the pooled one of the input's dtype");
-  }
+  const Names& names = NamesOf(kind);
   memory::dims xd = Dims(x_dims), kd = Dims(k_dims), pd = Dims(p_dims), md = Dims(mask_dims);
-  if (xd.size() != 4 || kd.size() != 4 || pd.size() != 4 || md != pd || kd[2] != xd[3] ||
-      geo[0] < 1 || geo[1] < 1 || chunk_bytes < 1) {
-    return ffi::Error::InvalidArgument("onednn_conv_pool: misshapen operands");
+  std::string why = Mismatch(names, xd, kd, pd, geo, true);
+  if (why.empty() && md != pd) {
+    why = "mask shape " + ShapeText(md) + " != " + names.y + " shape " + ShapeText(pd);
   }
+  if (why.empty() && relu_input != 0 && relu_x != nullptr &&
+      Dims(relu_x->dimensions()) != xd) {
+    why = "the x operand's shape " + ShapeText(Dims(relu_x->dimensions())) +
+          " != the result's " + ShapeText(xd);
+  }
+  if (why.empty() && chunk_bytes < 1) {
+    why = "chunk_bytes " + std::to_string(chunk_bytes) + " is not >= 1";
+  }
+  if (!why.empty()) return Refuse(kind, why);
   int64_t ho = (xd[1] + geo[2] + geo[3] - kd[0]) / geo[0] + 1;
   int64_t wo = (xd[2] + geo[4] + geo[5] - kd[1]) / geo[1] + 1;
-  if (ho < 2 || wo < 2 || pd != memory::dims{xd[0], ho / 2, wo / 2, kd[3]}) {
-    return ffi::Error::InvalidArgument("onednn_conv_pool: the pooled shape is not the conv's");
-  }
   auto job = std::make_shared<Job>();
   job->kind = kind;
   job->geo = geo;
-  job->whole = {xd, {xd[0], ho, wo, kd[3]}, kd, tx, tx, tk};
+  job->whole = {xd, {xd[0], ho, wo, kd[3]}, kd, t, t, t};
   job->x = static_cast<char*>(x);
   job->k = static_cast<char*>(k);
   job->p = static_cast<char*>(pooled);
@@ -600,14 +748,11 @@ ffi::Error PooledImpl(int64_t kind, ffi::AnyBuffer::Dimensions x_dims, memory::d
   job->ties_first = ties_first != 0;
   job->relu_input = relu_input != 0;
   if (job->relu_input && relu_x != nullptr) {
-    if (Dims(relu_x->dimensions()) != xd || DnnlType(relu_x->element_type()) != tx) {
-      return ffi::Error::InvalidArgument("onednn_conv_pool: x is not the gradient's shape");
-    }
     job->relu_x = static_cast<char*>(relu_x->untyped_data());
   }
-  int64_t y_img = ho * wo * kd[3] * int64_t(Bytes(tx));
+  int64_t y_img = ho * wo * kd[3] * int64_t(Bytes(t));
   job->chunk = std::max<int64_t>(1, chunk_bytes / y_img);
-  return Launch(job, pool, k, tk);
+  return Launch(job, pool, k, t);
 }
 
 ffi::Error ConvPoolImpl(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> p,
@@ -615,9 +760,11 @@ ffi::Error ConvPoolImpl(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::Any
                         int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
                         int64_t pad_left, int64_t pad_right, int64_t ties_first,
                         int64_t chunk_bytes, int64_t relu_input) {
+  std::string why = DtypeMismatch({{"x", x.element_type()}, {"kernel", k.element_type()},
+                                   {"output", p->element_type()}});
+  if (!why.empty()) return Refuse(3, why);
   return PooledImpl(3, x.dimensions(), DnnlType(x.element_type()), x.untyped_data(),
-                    k.dimensions(), DnnlType(k.element_type()), k.untyped_data(),
-                    p->dimensions(), DnnlType(p->element_type()), p->untyped_data(),
+                    k.dimensions(), k.untyped_data(), p->dimensions(), p->untyped_data(),
                     mask->dimensions(), mask->typed_data(), pool,
                     {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, ties_first,
                     chunk_bytes, relu_input);
@@ -628,9 +775,14 @@ ffi::Error ConvPoolInputGradImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U8> mask, ff
                                  ffi::ThreadPool pool, int64_t stride_h, int64_t stride_w,
                                  int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
                                  int64_t pad_right, int64_t chunk_bytes, int64_t relu_input) {
+  // x is read (for the ReLU's gradient) with relu_input only; without, it may be empty.
+  std::string why = DtypeMismatch({{"gradient", g.element_type()},
+                                   {"kernel", k.element_type()},
+                                   {"x", relu_input ? x.element_type() : g.element_type()},
+                                   {"the result", dx->element_type()}});
+  if (!why.empty()) return Refuse(4, why);
   return PooledImpl(4, dx->dimensions(), DnnlType(dx->element_type()), dx->untyped_data(),
-                    k.dimensions(), DnnlType(k.element_type()), k.untyped_data(),
-                    g.dimensions(), DnnlType(g.element_type()), g.untyped_data(),
+                    k.dimensions(), k.untyped_data(), g.dimensions(), g.untyped_data(),
                     mask.dimensions(), mask.typed_data(), pool,
                     {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, 0,
                     chunk_bytes, relu_input, &x);
@@ -641,9 +793,11 @@ ffi::Error ConvPoolKernelGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Buffe
                                   int64_t stride_h, int64_t stride_w, int64_t pad_top,
                                   int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
                                   int64_t chunk_bytes, int64_t relu_input) {
+  std::string why = DtypeMismatch({{"x", x.element_type()}, {"gradient", g.element_type()},
+                                   {"k_shape", dk->element_type()}});
+  if (!why.empty()) return Refuse(5, why);
   return PooledImpl(5, x.dimensions(), DnnlType(x.element_type()), x.untyped_data(),
-                    dk->dimensions(), DnnlType(dk->element_type()), dk->untyped_data(),
-                    g.dimensions(), DnnlType(g.element_type()), g.untyped_data(),
+                    dk->dimensions(), dk->untyped_data(), g.dimensions(), g.untyped_data(),
                     mask.dimensions(), mask.typed_data(), pool,
                     {stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right}, 0,
                     chunk_bytes, relu_input);
@@ -723,6 +877,57 @@ extern "C" JR_EXPORT int64_t JrOnednnConvSupports(int64_t dtype) {
   return 1;
 }
 
+namespace {
+
+// Copies `text` into `out` (up to `size` bytes, no terminator); returns the bytes it needs.
+int64_t CopyOut(const std::string& text, char* out, int64_t size) {
+  for (int64_t i = 0; i < size && i < int64_t(text.size()); ++i) out[i] = text[i];
+  return int64_t(text.size());
+}
+
+// oneDNN's version as onednn.py writes it: "3.2.0 (git hash)".
+std::string VersionText(int major, int minor, int patch, const char* hash) {
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch) +
+         " (" + (hash ? hash : "") + ")";
+}
+
+}  // namespace
+
+// The oneDNN version this library was compiled against (its headers' DNNL_VERSION_*), and the
+// one it runs with (dnnl_version()): onednn.py uses the library only when they agree.
+extern "C" JR_EXPORT int64_t JrOnednnConvBuiltVersion(char* out, int64_t size) {
+  return CopyOut(VersionText(DNNL_VERSION_MAJOR, DNNL_VERSION_MINOR, DNNL_VERSION_PATCH,
+                             DNNL_VERSION_HASH),
+                 out, size);
+}
+
+extern "C" JR_EXPORT int64_t JrOnednnConvRuntimeVersion(char* out, int64_t size) {
+  const dnnl_version_t* v = dnnl_version();
+  return CopyOut(VersionText(v->major, v->minor, v->patch, v->hash), out, size);
+}
+
+// The instruction set oneDNN's kernels dispatch to on this CPU (dnnl_get_effective_cpu_isa:
+// the CPU's best, or less under DNNL_MAX_CPU_ISA).
+extern "C" JR_EXPORT int64_t JrOnednnConvIsa(char* out, int64_t size) {
+  std::string name;
+  switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_default: name = "default (no JIT kernels)"; break;
+    case dnnl_cpu_isa_sse41: name = "sse41"; break;
+    case dnnl_cpu_isa_avx: name = "avx"; break;
+    case dnnl_cpu_isa_avx2: name = "avx2"; break;
+    case dnnl_cpu_isa_avx2_vnni: name = "avx2_vnni"; break;
+    case dnnl_cpu_isa_avx2_vnni_2: name = "avx2_vnni_2"; break;
+    case dnnl_cpu_isa_avx512_core: name = "avx512_core"; break;
+    case dnnl_cpu_isa_avx512_core_vnni: name = "avx512_core_vnni"; break;
+    case dnnl_cpu_isa_avx512_core_bf16: name = "avx512_core_bf16"; break;
+    case dnnl_cpu_isa_avx512_core_fp16: name = "avx512_core_fp16"; break;
+    case dnnl_cpu_isa_avx512_core_amx: name = "avx512_core_amx"; break;
+    case dnnl_cpu_isa_avx512_core_amx_fp16: name = "avx512_core_amx_fp16"; break;
+    default: name = "isa " + std::to_string(int(dnnl_get_effective_cpu_isa())); break;
+  }
+  return CopyOut(name, out, size);
+}
+
 // The implementation oneDNN chose for each cached shape (benchmarks and tests): writes up to
 // `size` bytes of "kind:impl;" records into `out`; returns the bytes needed.
 extern "C" JR_EXPORT int64_t JrOnednnConvImpls(char* out, int64_t size) {
@@ -731,6 +936,5 @@ extern "C" JR_EXPORT int64_t JrOnednnConvImpls(char* out, int64_t size) {
   for (auto& [key, entry] : cache) {
     all += std::to_string(std::get<0>(key)) + ":" + entry->impl + ";";
   }
-  for (int64_t i = 0; i < size && i < int64_t(all.size()); ++i) out[i] = all[i];
-  return int64_t(all.size());
+  return CopyOut(all, out, size);
 }
