@@ -41,14 +41,19 @@ def open_manager(directory: str, keep: int) -> ocp.CheckpointManager:
 INTEGRITY_FILE = "integrity.json"
 
 
-def _legacy_manifest(manager: ocp.CheckpointManager, step: int) -> str:
+def _directory(manager) -> str:
+    """The checkpoints' directory of a CheckpointManager, or a path given as is."""
+    return manager if isinstance(manager, str) else str(manager.directory)
+
+
+def _legacy_manifest(manager, step: int) -> str:
     """Where checkpoints of earlier versions kept their manifests (a sibling folder)."""
-    return os.path.join(os.path.dirname(str(manager.directory)), "checkpoint_manifests",
+    return os.path.join(os.path.dirname(_directory(manager)), "checkpoint_manifests",
                         f"{step}.json")
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(str(manager.directory), str(step))
+def _step_dir(manager, step: int) -> str:
+    return os.path.join(_directory(manager), str(step))
 
 
 def _file_digests(step_dir: str) -> dict[str, list[int]]:
@@ -84,7 +89,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
                           {"files": _file_digests(step_dir)})
 
 
-def _expected_digests(manager: ocp.CheckpointManager, step: int) -> dict:
+def _expected_digests(manager, step: int) -> dict:
     path = os.path.join(_step_dir(manager, step), INTEGRITY_FILE)
     legacy = _legacy_manifest(manager, step)
     if not os.path.exists(path) and os.path.exists(legacy):
@@ -96,19 +101,25 @@ def _expected_digests(manager: ocp.CheckpointManager, step: int) -> dict:
         if not isinstance(files, dict) or not all(
                 isinstance(v, list) and len(v) == 2 for v in files.values()):
             raise ValueError
-        return files
     except FileNotFoundError:
         raise ValueError("it has no integrity data (written by another program, or a save "
                          "was cut short)") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError("its integrity data are unreadable") from None
+    if not files:
+        raise ValueError("its integrity data list no files")
+    return files
 
 
-def verify(manager: ocp.CheckpointManager, step: int) -> None:
-    """Raises ValueError naming the first file of checkpoint `step` that differs from its
-    integrity data, or saying that they are missing or unreadable."""
+def verify(manager, step: int) -> None:
+    """Raises ValueError naming the first file of checkpoint `step` (of a manager, or of a
+    checkpoints directory given as a path) that differs from its integrity data, is not
+    listed there, or saying that they are missing, unreadable or list no files."""
     expected = _expected_digests(manager, step)
     actual = _file_digests(_step_dir(manager, step))
+    unlisted = sorted(set(actual) - set(expected))
+    if unlisted:
+        raise ValueError(f"file {unlisted[0]} is not in its integrity data")
     for name, (size, crc) in expected.items():
         if name not in actual:
             raise ValueError(f"file {name} is missing")
@@ -175,15 +186,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     return None
 
 
-def newest_meta(manager: ocp.CheckpointManager) -> dict:
-    """The JSON metadata of the newest checkpoint whose metadata can be read (files checked
-    against the integrity data first); CheckpointError if none."""
-    for step in sorted(manager.all_steps(), reverse=True):
+def newest_meta(manager) -> dict:
+    """The JSON metadata of the newest checkpoint (of a manager, or of a checkpoints directory
+    given as a path) whose files pass their integrity check, read from its file (no JAX or
+    orbax call: usable before JAX starts); CheckpointError if none. Damaged checkpoints are
+    skipped here: restore_latest names and moves them."""
+    directory = _directory(manager)
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
+        directory) else []
+    if not steps:
+        raise CheckpointError(f"{directory} holds no checkpoints")
+    for step in sorted(steps, reverse=True):
         try:
             verify(manager, step)
-            restored = manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))
-            return dict(restored["meta"])
-        except Exception:  # damaged: restore_latest names and moves it
+            with open(os.path.join(_step_dir(manager, step), "meta", "metadata")) as f:
+                meta = json.load(f)
+            if isinstance(meta, dict):
+                return meta
+        except (OSError, ValueError):
             continue
-    raise CheckpointError(f"no checkpoint in {manager.directory} has readable metadata")
+    raise CheckpointError(f"no checkpoint in {manager.directory} passes its integrity check "
+                          f"with readable metadata")

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_robust import onednn
+from jax_robust.config import SpeedConfig, conv_pool_fused
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -450,40 +451,42 @@ class BatchNorm(nn.Module):
 
 
 class ConvPool(nn.Module):
-    """VALID 3x3 conv then 2x2 max-pool, parameters `kernel` [3, 3, C, features] and `bias`
-    [features] as an `nn.Conv`'s. `bias_after_pool`: pool(conv) + b in place of
-    pool(conv + b), equal bit for bit (a per-channel constant commutes with max and rounding
-    is monotone); the bias gradient then sums the 4x smaller pooled map. `relu_input`: a
-    ReLU on the input first. `fused` (with bias_after_pool): the ReLU, conv and pool as one
-    oneDNN call each way (onednn.conv_pool), for the dtypes oneDNN has here; the pool's tie
-    rule is `pool_ties` either way.
+    """An optional ReLU (`relu_input`), a VALID 3x3 conv, then a 2x2 max-pool; parameters
+    `kernel` [3, 3, C, features] and `bias` [features] as an `nn.Conv`'s. How it is computed
+    is `speed`'s choice, made here and nowhere else: where config.conv_pool_fused(speed) and
+    oneDNN has the dtype, the ReLU, conv and pool are one oneDNN call each way
+    (onednn.conv_pool) and the bias is added after the pool; otherwise separate ops, the bias
+    after the pool where `bias_after_pool` (default: speed.conv_bias_after_pool). pool(z) + b
+    equals pool(z + b) bit for bit (a per-channel constant commutes with max and rounding is
+    monotone); the bias gradient then sums the 4x smaller pooled map. The pool's tie rule is
+    `pool_ties` either way.
     """
 
     features: int
     kernel_init: Callable
     bias_init: Callable
-    bias_after_pool: bool
-    pool_grad: str
+    speed: SpeedConfig
     pool_ties: str = "split"
     dtype: Any = jnp.float32
-    conv_input_grad: str = "xla"  # SpeedConfig.conv_input_grad
-    conv_kernels: str = "xla"  # SpeedConfig.conv_kernels
-    fused: bool = False  # SpeedConfig.conv_pool == 'fused' where it applies (models.py)
     relu_input: bool = False
+    bias_after_pool: bool | None = None
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.fused and self.bias_after_pool and _onednn_dtypes(x, kernel):
+        speed = self.speed
+        if conv_pool_fused(speed) and _onednn_dtypes(x, kernel):
             return onednn.conv_pool(x, kernel, (1, 1), ((0, 0), (0, 0)), self.pool_ties,
                                     self.relu_input) + bias
         if self.relu_input:
             x = nn.relu(x)
-        conv = (later_conv_fn(self.conv_input_grad, self.conv_kernels)
+        conv = (later_conv_fn(speed.conv_input_grad, speed.conv_kernels)
                 or jax.lax.conv_general_dilated)
         y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
-        if self.bias_after_pool:
-            return pool_2x2(y, self.pool_grad, self.pool_ties) + bias
-        return pool_2x2(y + bias, self.pool_grad, self.pool_ties)
+        after = speed.conv_bias_after_pool if self.bias_after_pool is None else \
+            self.bias_after_pool
+        if after:
+            return pool_2x2(y, speed.pool_grad, self.pool_ties) + bias
+        return pool_2x2(y + bias, speed.pool_grad, self.pool_ties)

@@ -58,15 +58,9 @@ class TorchDense(nn.Module):
         return nn.Dense(self.features, kernel_init=k_init, bias_init=b_init, dtype=self.dtype)(x)
 
 
-def fuses_conv_pool(speed: SpeedConfig) -> bool:
-    """Whether the CNNs' conv + pool pairs are `ConvPool(fused=True)`: conv_pool='fused' with
-    oneDNN's convs and the corners pool (CNN1 also needs conv_bias_after_pool)."""
-    return (speed.conv_pool == "fused" and speed.conv_kernels == "onednn"
-            and speed.pool_grad == "corners")
-
-
 class _CNN(nn.Module):
-    """The fields of the MNIST nets."""
+    """The fields of the MNIST nets. How each layer is computed is `speed`'s choice, made
+    inside the layers (layers.ConvPool, first_conv_fn, later_conv_fn), never here."""
 
     num_classes: int = 10
     dropout: float = 0.5  # CNN1: the dense dropout; its conv dropout (channel-wise) is half
@@ -74,25 +68,33 @@ class _CNN(nn.Module):
     speed: SpeedConfig = PLAIN_SPEED
     pool_ties: str = "split"  # gradient of tied maxima: 'split' (JAX) or 'first' (PyTorch)
 
+    def conv(self, features: int, first: bool, init, bias_init, name: str) -> nn.Conv:
+        """A VALID 3x3 conv (the first conv of a net: `first`)."""
+        conv_fn = (first_conv_fn(self.speed.first_conv_grad, self.speed.conv_kernels) if first
+                   else later_conv_fn(self.speed.conv_input_grad, self.speed.conv_kernels))
+        return nn.Conv(features, (3, 3), padding="VALID", kernel_init=init,
+                       bias_init=bias_init, dtype=self.dtype, conv_general_dilated=conv_fn,
+                       name=name)
+
+    def relu_conv_pool(self, features: int, init, bias_init, name: str,
+                       bias_after_pool: bool | None = None) -> ConvPool:
+        """ReLU, VALID 3x3 conv, 2x2 max-pool (named as the nn.Conv it stands for: the same
+        parameter path, so the same initial values)."""
+        return ConvPool(features, init, bias_init, self.speed, self.pool_ties, self.dtype,
+                        relu_input=True, bias_after_pool=bias_after_pool, name=name)
+
 
 class CNN1(_CNN):
-    """Official `CNN001` (PyTorch's MNIST example net). Needs inputs of at least 6x6."""
+    """Official `CNN001` (PyTorch's MNIST example net): conv 32, ReLU, conv 64, max-pool,
+    dropout, dense 128, ReLU, dropout, dense. Needs inputs of at least 6x6."""
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
-        c_in = x.shape[-1]
-        x = nn.Conv(32, (3, 3), padding="VALID", kernel_init=torch_kernel_init,
-                    bias_init=torch_bias_init(9 * c_in), dtype=self.dtype,
-                    conv_general_dilated=first_conv_fn(self.speed.first_conv_grad,
-                                                         self.speed.conv_kernels))(x)
-        # conv1's ReLU is ConvPool's (relu_input: inside the oneDNN call when fused). No ReLU
-        # after the second conv, as in the official net. Named as the nn.Conv it replaces:
-        # the same parameter path, so the same initial values.
-        x = ConvPool(64, torch_kernel_init, torch_bias_init(9 * 32),
-                     self.speed.conv_bias_after_pool, self.speed.pool_grad, self.pool_ties,
-                     self.dtype, self.speed.conv_input_grad, self.speed.conv_kernels,
-                     fuses_conv_pool(self.speed), relu_input=True, name="Conv_1")(x)
+        x = self.conv(32, True, torch_kernel_init, torch_bias_init(9 * x.shape[-1]),
+                      "Conv_0")(x)
+        # No ReLU after the second conv, as in the official net.
+        x = self.relu_conv_pool(64, torch_kernel_init, torch_bias_init(9 * 32), "Conv_1")(x)
         x = nn.Dropout(self.dropout / 2, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(128, dtype=self.dtype)(x))
@@ -101,32 +103,19 @@ class CNN1(_CNN):
 
 
 class CNN2(_CNN):
-    """Official `CNN002` = TRADES' SmallCNN. Needs inputs of at least 16x16."""
+    """Official `CNN002` = TRADES' SmallCNN: (conv 32, ReLU) x 2, max-pool, (conv 64, ReLU)
+    x 2, max-pool, dense 200, ReLU, dropout, dense 200, ReLU, dense. Written as conv, [ReLU,
+    conv, pool], ReLU: relu(pool(z)) = pool(relu(z)) (both monotone), so the bracket is one
+    layers.ConvPool. Needs inputs of at least 16x16."""
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
-        fuse = fuses_conv_pool(self.speed)
-        for i, features in enumerate((32, 32, 64, 64)):
-            if i % 2 == 1 and fuse:
-                # The previous conv's ReLU runs inside the fused call (relu_input), and
-                # relu(pool(conv) + b) = pool(relu(conv + b)): the bias and this ReLU commute
-                # with the max (both monotone), so they follow it.
-                x = nn.relu(ConvPool(features, kaiming_normal_fan_in, nn.initializers.zeros,
-                                     True, self.speed.pool_grad, self.pool_ties, self.dtype,
-                                     self.speed.conv_input_grad, self.speed.conv_kernels,
-                                     fused=True, relu_input=True, name=f"Conv_{i}")(x))
-                continue
-            conv_fn = (first_conv_fn(self.speed.first_conv_grad, self.speed.conv_kernels)
-                       if i == 0
-                       else later_conv_fn(self.speed.conv_input_grad, self.speed.conv_kernels))
-            x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=kaiming_normal_fan_in,
-                        bias_init=nn.initializers.zeros, dtype=self.dtype,
-                        conv_general_dilated=conv_fn, name=f"Conv_{i}")(x)
-            if not (fuse and i % 2 == 0):  # else the next (fused) ConvPool applies it
-                x = nn.relu(x)
-            if i % 2 == 1:
-                x = pool_2x2(x, self.speed.pool_grad, self.pool_ties)
+        init, zeros = kaiming_normal_fan_in, nn.initializers.zeros
+        x = self.conv(32, True, init, zeros, "Conv_0")(x)
+        x = nn.relu(self.relu_conv_pool(32, init, zeros, "Conv_1", bias_after_pool=True)(x))
+        x = self.conv(64, False, init, zeros, "Conv_2")(x)
+        x = nn.relu(self.relu_conv_pool(64, init, zeros, "Conv_3", bias_after_pool=True)(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(TorchDense(200, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

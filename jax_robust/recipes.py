@@ -1,6 +1,6 @@
 """The official settings, one place each, and `resolve`: a config with every None filled.
 
-Data-set recipes (OFFICIAL_CODE.md sections 1 and 3.2): eps, schedule and augmentation of
+Data-set recipes (docs/official_code.md): eps, schedule and augmentation of
 each data set. Learning rates: the official code SUMS the loss over the batch; ours is the
 batch mean, so SGD's learning rate is the official one times the batch size (exactly the
 same updates); Adam is scale-invariant and keeps its rate. digits and fashion_mnist are
@@ -94,7 +94,7 @@ def resolve_speed(speed: cfglib.SpeedConfig, backend: str, devices: int = 1,
     resolved = cfglib.SpeedConfig(**{f.name: _fill(getattr(speed, f.name),
                                                    getattr(default, f.name))
                                      for f in dataclasses.fields(speed)})
-    fusable = resolved.conv_kernels == "onednn" and resolved.pool_grad == "corners"
+    fusable = cfglib.conv_pool_fused(dataclasses.replace(resolved, conv_pool="fused"))
     if speed.conv_pool == "fused" and not fusable:
         raise UserError("conv_pool=fused needs conv_kernels=onednn and pool_grad=corners "
                         f"(here {resolved.conv_kernels} and {resolved.pool_grad})")

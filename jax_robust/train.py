@@ -25,7 +25,7 @@ from jax_robust import checkpoint as ckpt
 from jax_robust import config as cfglib
 from jax_robust import data as datalib
 from jax_robust import methods, models, recipes
-from jax_robust.errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
+from jax_robust.errors import CheckpointError, Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from jax_robust.evaluation import evaluate, make_eval_step
 from jax_robust.files import exclusive_dir, write_json_atomic, write_text_atomic
 from jax_robust.objectives import ObjectiveParams
@@ -43,21 +43,32 @@ class OtherRun(UserError):
     """The workdir holds checkpoints of a run with other settings."""
 
 
-# Settings that make a different run: a checkpoint written with others is not resumed.
-RUN_IDENTITY = ("data.dataset", "data.max_train", "data.max_test", "data.augment", "model.",
-                "attack.", "train.method", "train.variant", "train.hparams", "train.seed")
+def check_same_run(manager, cfg: cfglib.RunConfig, workdir: str, *,
+                   eval_only: bool = False) -> None:
+    """Raises OtherRun, before anything in `workdir` is restored, moved or written, when its
+    newest checkpoint with readable metadata was made by a run with other identity settings
+    (config.RUN; with `eval_only`, other attack settings are allowed: the evaluation then
+    writes results_eps<..>.json). Damaged checkpoints are left to restore_latest."""
+    try:
+        meta = ckpt.newest_meta(manager)
+    except CheckpointError:
+        return
+    saved = meta.get("config")
+    changed = (cfglib.run_identity_changes(saved, cfg.to_dict())
+               if isinstance(saved, dict) else ["config (missing)"])
+    if eval_only:
+        changed = [c for c in changed if not c.startswith("attack.")]
+    if changed:
+        def show(config, name):
+            node = config
+            for k in name.split("."):
+                node = node.get(k) if isinstance(node, dict) else None
+            return node
 
-
-def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two config dicts (JSON-compared)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key != "hparams":
-            out += config_changes(a, b, f"{prefix}{key}.")
-        elif json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
-            out.append(prefix + key)
-    return out
+        detail = ", ".join(f"{c} {show(saved, c)!r} (now {show(cfg.to_dict(), c)!r})"
+                           if isinstance(saved, dict) else c for c in changed)
+        raise OtherRun(f"{workdir} holds a run with other settings: {detail}; use another "
+                       f"--workdir (nothing in it was changed)")
 
 
 def objective_params(cfg: cfglib.RunConfig) -> ObjectiveParams:
@@ -67,11 +78,17 @@ def objective_params(cfg: cfglib.RunConfig) -> ObjectiveParams:
                            hparams=cfg.train.hparams, unroll=cfg.speed.attack_unroll)
 
 
-def onednn_missing(backend: str) -> str | None:
-    """Why oneDNN's convolutions cannot run on `backend` here, or None when they can (builds
-    the handler on the first CPU call: jax_robust.onednn)."""
+def onednn_missing(backend: str, devices: int = 1, conv_kernels: str | None = None
+                   ) -> str | None:
+    """Why oneDNN's convolutions cannot run on `backend` here, or None when they can. The
+    handler is built (jax_robust.onednn, on first use) only where a run could choose it:
+    XLA:CPU, one device, conv_kernels not 'xla'."""
     if backend != "cpu":
         return f"they run on XLA:CPU only, not on {backend}"
+    if devices > 1:
+        return f"they run on one CPU device; this run has {devices}"
+    if conv_kernels == "xla":
+        return "conv_kernels=xla was chosen"
     from jax_robust import onednn
 
     return None if onednn.available() else onednn.unavailable_reason()
@@ -269,7 +286,7 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                         dataset, mesh) -> dict:
     mesh = make_mesh() if mesh is None else mesh
     backend = jax.default_backend()
-    missing = onednn_missing(backend)
+    missing = onednn_missing(backend, mesh.size, cfg.speed.conv_kernels)
     if backend == "cpu" and missing and cfg.speed.conv_kernels is None and mesh.size == 1:
         log(f"note: oneDNN's convolutions are unavailable ({missing}); XLA's run instead")
     cfg = recipes.resolve(cfg, backend, devices=mesh.size, onednn_missing=missing)
@@ -293,21 +310,21 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
 
     state, abstract = initial_state(module, init_key, info.image_shape, optimizer, mesh)
     manager = ckpt.open_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+    check_same_run(manager, cfg, workdir, eval_only=eval_only)
     restored = ckpt.restore_latest(manager, abstract, warn=log)
     meta = {}
     if restored is not None:
         state, meta, ck_step = restored
         log(f"resumed from checkpoint {ck_step} (epoch {meta.get('epoch')}, "
             f"step {int(state.step)}/{total_steps})")
-        changed = config_changes(meta.get("config", {}), cfg.to_dict())
-        different_run = [c for c in changed if c.startswith(RUN_IDENTITY)
-                         and not (eval_only and c.startswith("attack."))]
-        if different_run:
-            raise OtherRun(f"{workdir} holds a run with other {', '.join(different_run)}; "
-                           f"use another --workdir")
-        if changed:
-            log(f"warning: the checkpoint was written with other settings of "
-                f"{', '.join(changed)}; continuing with the new ones")
+        changed = cfglib.config_changes(meta.get("config", {}), cfg.to_dict(),
+                                        kinds=(cfglib.EVAL,))
+        if changed and not eval_only:
+            log(f"note: the checkpoint was written with other evaluation settings "
+                f"({', '.join(changed)}); the new ones are used")
+        if eval_only and int(state.step) < total_steps:
+            log(f"note: evaluating an unfinished run (step {int(state.step)} of "
+                f"{total_steps}); results.json says finished: false")
     elif eval_only:
         raise UserError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
     log(f"{t.method} ({t.variant}) on {info.name}: {n_train} train / {len(dataset.x_test)} "
@@ -381,6 +398,8 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
         **extra,
         "examples": {"train": train["count"], "test": test["count"]},
         "steps": int(state.step),
+        "total_steps": total_steps,
+        "finished": int(state.step) == total_steps,
         "train_seconds": train_seconds,
         "eval_seconds": time.time() - start,
         "num_params": models.count_params(state.params),
@@ -426,7 +445,7 @@ def load_run(workdir: str, *, log: Callable[[str], None] = print) -> LoadedRun:
     # How to compute is this machine's choice (one device): the run's own speed options where
     # they can run here, the defaults for the rest (older checkpoints lack some).
     backend = jax.default_backend()
-    missing = onednn_missing(backend)
+    missing = onednn_missing(backend, 1, cfg.speed.conv_kernels)
     speed = cfg.speed
     if speed.conv_kernels == "onednn" and missing is not None:
         speed = dataclasses.replace(speed, conv_kernels=None, conv_pool=None)

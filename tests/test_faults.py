@@ -112,11 +112,11 @@ def test_sweep_reuses_only_cells_of_the_requested_configuration(tmp_path):
     assert os.path.getmtime(cell) == made  # not re-run
     line = one_error_line(binary("sweep.py", *SWEEP[:-2], "--epochs=2", "--eval_batch_size=32",
                                  f"--workdir={tmp_path}"))
-    assert "made with other train.epochs" in line and "--overwrite" in line
+    assert "made with other settings (train.epochs)" in line and "--overwrite" in line
     line = one_error_line(binary("sweep.py", *SWEEP, "--dataset=mnist",
                                  f"--data_dir={make_idx_dir(tmp_path / 'idx')}",
                                  f"--workdir={tmp_path}"))
-    assert "other data.dataset" in line
+    assert "other settings (data.dataset" in line
     rerun = binary("sweep.py", *SWEEP[:-2], "--epochs=2", "--eval_batch_size=32", "--overwrite",
                    f"--workdir={tmp_path}")
     assert rerun.returncode == 0, rerun.stderr[-2000:]

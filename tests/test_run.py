@@ -12,7 +12,7 @@ RUN = os.path.join(ROOT, "experiments", "run.py")
 KEYS = {"config", "train_acc", "test_acc", "adv_train_acc", "adv_test_acc", "train_lipschitz",
         "test_lipschitz", "test_lipschitz_ascent", "gap", "adv_gap", "examples", "steps",
         "train_seconds", "eval_seconds", "num_devices", "num_processes", "device_kind",
-        "jax_version", "num_params"}
+        "jax_version", "num_params", "total_steps", "finished"}
 
 
 def leaves(tree, prefix=""):

@@ -187,13 +187,23 @@ def test_a_workdir_of_another_run_is_refused(tmp_path):
         eval=cfglib.EvalConfig(batch_size=32, lipschitz_steps=1, curve_size=32))
     train.train_and_evaluate(natural, str(tmp_path), log=lambda _: None)
     at = dataclasses.replace(natural, train=dataclasses.replace(natural.train, method="at"))
-    with pytest.raises(train.OtherRun, match="other train.method"):
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(train.OtherRun, match="train.method 'natural' \\(now 'at'\\)"):
         train.train_and_evaluate(at, str(tmp_path), log=lambda _: None)
+    # Another schedule is another run too (its lr and step count differ), refused before
+    # any restore; nothing in the workdir is moved.
     longer = dataclasses.replace(natural, train=dataclasses.replace(natural.train, epochs=2))
+    with pytest.raises(train.OtherRun, match="train.epochs 1 \\(now 2\\)"):
+        train.train_and_evaluate(longer, str(tmp_path), log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+    # Other evaluation settings are the same run: resumed (nothing left to train).
+    other_eval = dataclasses.replace(natural, eval=dataclasses.replace(natural.eval,
+                                                                       curve_size=16))
     messages = []
-    result = train.train_and_evaluate(longer, str(tmp_path), log=messages.append)
-    assert result["steps"] == 10 and any("other settings of train.epochs" in m for m in messages)
-    assert [e["epoch"] for e in _epochs(tmp_path / "metrics.jsonl")] == [1, 2]
+    result = train.train_and_evaluate(other_eval, str(tmp_path), log=messages.append)
+    assert result["steps"] == 5 and result["finished"]
+    assert any("other evaluation settings (eval.curve_size)" in m for m in messages)
 
 
 def test_train_eval_subset_is_fixed_sorted_and_capped():
@@ -208,7 +218,7 @@ def test_train_eval_subset_is_fixed_sorted_and_capped():
 def test_without_onednn_a_cpu_run_says_so_and_runs_xlas_convolutions(tmp_path, monkeypatch):
     """No compiler or no oneDNN on a user's machine: the default falls back with one note,
     and the run records what it computed with; asked for explicitly, it is refused."""
-    monkeypatch.setattr(train, "onednn_missing", lambda backend: "no g++ here")
+    monkeypatch.setattr(train, "onednn_missing", lambda *args: "no g++ here")
     natural = dataclasses.replace(
         SMALL, train=dataclasses.replace(SMALL.train, method="natural", epochs=1),
         eval=cfglib.EvalConfig(batch_size=32, lipschitz_steps=1, curve_size=32))

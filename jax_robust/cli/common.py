@@ -57,8 +57,9 @@ def parse_milestones(values: list[str] | None) -> tuple[int, ...] | None:
         raise UserError(f"milestones must be integers, got {values}") from None
 
 
-def define_process_flags() -> None:
-    """The flags of a multi-process run (jax_robust.distributed), for run, sweep, separation."""
+def define_process_flags() -> list[str]:
+    """The flags of a multi-process run (jax_robust.distributed), for run, sweep, separation;
+    returns their names."""
     from absl import flags
 
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
@@ -71,6 +72,8 @@ def define_process_flags() -> None:
                        "stopped responding exits (code 3) instead of waiting")
     flags.DEFINE_integer("cpu_devices", None, "XLA:CPU devices of this process (default: "
                          "the binary's; e.g. 4 to try a sharded run on one machine)")
+    return ["coordinator_address", "num_processes", "process_id", "distributed",
+            "peer_timeout", "cpu_devices"]
 
 
 def join_processes() -> None:

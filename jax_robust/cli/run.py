@@ -16,117 +16,24 @@ import sys
 from absl import flags
 
 from jax_robust.cli import common as cli
+from jax_robust.cli import config_flags
 from jax_robust import config as cfglib
 from jax_robust import methods, recipes
 from jax_robust.errors import UserError
 from jax_robust.files import ensure_writable_dir
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "natural", ", ".join(methods.METHODS))
-flags.DEFINE_string("variant", "official", "official (the official code, quirks included) or "
-                    "paper (the published formulas)")
-HPARAM_FLAGS = {  # flag -> the method hyperparameter it sets (methods.py has the defaults)
-    "beta": flags.DEFINE_float("beta", None, "TRADES beta (default 6)"),
-    "lam": flags.DEFINE_float("lam", None, "lambda of GR (default 1), LLR (4) and RST (1)"),
-    "mu": flags.DEFINE_float("mu", None, "LLR mu (default 3)"),
-    "gr_h": flags.DEFINE_float("gr_h", None, "GR's finite-difference step (default 1)"),
-    "llr_steps": flags.DEFINE_integer("llr_steps", None, "LLR's ascent steps (default 2)"),
-}
-flags.DEFINE_string("dataset", "digits", ", ".join(recipes.RECIPES))
-flags.DEFINE_string("data_dir", None, "directory of the data set's files (IDX or TFDS)")
-flags.DEFINE_integer("max_train", None, "use only the first N training points")
-flags.DEFINE_integer("max_test", None, "use only the first N test points")
-flags.DEFINE_string("augment", None, "training augmentation on the device: none, crop_flip "
-                    "(CIFAR-10's official) or crop (Restricted ImageNet's); default: official")
-flags.DEFINE_string("arch", "cnn1", ", ".join(cfglib.ARCHS))
-flags.DEFINE_float("dropout", None, "dropout rate (default: the arch's official rate; 0 = off)")
-flags.DEFINE_integer("wrn_depth", 40, "WideResNet depth (6n+4)")
-flags.DEFINE_integer("wrn_width", 10, "WideResNet widen factor")
-flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
-flags.DEFINE_string("pool_ties", None, "gradient of tied max-pool maxima: first (PyTorch; "
-                    "default of the official variant) or split (JAX; the paper variant's)")
-flags.DEFINE_float("eps", None, "l_inf radius in pixel units (default: the data set's)")
-flags.DEFINE_integer("attack_steps", 10, "PGD steps (training and evaluation)")
-flags.DEFINE_float("attack_step_size", None, "PGD step size (default eps / 5)")
-flags.DEFINE_integer("epochs", None, "epochs (default: the data set's official number)")
-flags.DEFINE_integer("batch_size", None, "global batch size (default: official, 64)")
-flags.DEFINE_string("optimizer", None, "sgd or adam (default: official)")
-flags.DEFINE_float("lr", None, "learning rate of the batch-MEAN loss (default: official summed "
-                   "lr x batch size)")
-flags.DEFINE_float("momentum", None, "SGD momentum (default: official)")
-flags.DEFINE_list("milestones", None, "epochs after which lr is x0.1 (default: official)")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
-flags.DEFINE_integer("lipschitz_restarts", 1, "random starts of the ascent lipschitz estimate")
-flags.DEFINE_integer("lipschitz_steps", 10, "steps of the lipschitz estimates (official: 10)")
-flags.DEFINE_float("lipschitz_step_size", 0.003, "step of the lipschitz estimates (official: "
-                   "0.003 whatever eps is)")
-flags.DEFINE_integer("train_eval_size", None, "training points evaluated at the end (PGD and "
-                     "lipschitz; default all, as the paper); a fixed random subset")
-flags.DEFINE_list("eval_attacks", ["pgd"], "attacks of the final test evaluation: pgd (the "
-                  "paper's PGD-10), multitarget (the official appendix attack), apgd (APGD-CE); "
-                  "results.json gets adv_test_acc_<attack> and the per-example worst case")
-flags.DEFINE_integer("eval_attack_restarts", 1, "random restarts of pgd and apgd there")
-flags.DEFINE_integer("curve_size", 512, "test points of the per-epoch accuracies in "
-                     "metrics.jsonl")
-SPEED_FLAGS = {
-    "pool_grad": flags.DEFINE_string("pool_grad", None, "speed: max-pool gradient, corners or "
-                                     "autodiff (default: corners on CPU)"),
-    "first_conv_grad": flags.DEFINE_string("first_conv_grad", None, "speed: first conv's input "
-                                           "gradient, overlap_add or xla (default: "
-                                           "overlap_add on CPU)"),
-    "channel_sums": flags.DEFINE_string("channel_sums", None, "speed: BatchNorm sums, dot or "
-                                        "reduce (default: dot on CPU)"),
-    "conv_bias_after_pool": flags.DEFINE_bool("conv_bias_after_pool", None, "speed: CNN1's "
-                                              "conv2 bias after the pool (default: on CPU)"),
-    "attack_unroll": flags.DEFINE_bool("attack_unroll", None, "speed: unroll the PGD and "
-                                       "lipschitz loops (default: on CPU)"),
-    "conv_input_grad": flags.DEFINE_string("conv_input_grad", None, "speed: the CNNs' later "
-                                           "convs' input gradient, column_taps or xla "
-                                           "(default: column_taps on CPU)"),
-    "conv_kernels": flags.DEFINE_string("conv_kernels", None, "speed: every conv through "
-                                        "onednn or xla (default: onednn on one CPU device "
-                                        "where it builds)"),
-    "conv_pool": flags.DEFINE_string("conv_pool", None, "speed: each conv + max-pool as one "
-                                     "oneDNN call (fused) or two (separate) (default: fused "
-                                     "where the convs are oneDNN's)"),
-}
+CONFIG_FLAGS = config_flags.define_config_flags()
 flags.DEFINE_string("workdir", None, "where checkpoints and results.json go (default: "
                     "runs/<dataset>_<arch>_<method tag>_<variant>_seed<seed>)")
-flags.DEFINE_integer("checkpoint_every", 500, "steps between checkpoints (and each epoch end)")
-flags.DEFINE_integer("keep_checkpoints", 2, "checkpoints kept")
-flags.DEFINE_integer("log_every", 50, "steps between progress lines")
 flags.DEFINE_bool("eval_only", False, "evaluate the newest checkpoint in --workdir (with "
                   "other attack settings than the training's, into results_eps<..>.json)")
-cli.define_process_flags()
+# Every flag of this binary, in the order of the README's table (jax_robust.cli.flag_table).
+RUN_FLAGS = CONFIG_FLAGS + ["workdir", "eval_only"] + cli.define_process_flags()
 
 
 def config_from_flags() -> cfglib.RunConfig:
-    milestones = cli.parse_milestones(FLAGS.milestones)
-    hparams = tuple(sorted((name, flag.value) for name, flag in HPARAM_FLAGS.items()
-                           if flag.value is not None))
-    return cfglib.RunConfig(
-        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test,
-                               FLAGS.augment),
-        model=cfglib.ModelConfig(FLAGS.arch, FLAGS.dropout, FLAGS.wrn_depth, FLAGS.wrn_width,
-                                 FLAGS.dtype, FLAGS.pool_ties),
-        attack=cfglib.AttackConfig(FLAGS.eps, FLAGS.attack_steps, FLAGS.attack_step_size),
-        train=cfglib.TrainConfig(
-            method=FLAGS.method, variant=FLAGS.variant, hparams=hparams, epochs=FLAGS.epochs,
-            batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr,
-            momentum=FLAGS.momentum, milestones=milestones, seed=FLAGS.seed),
-        eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
-                               lipschitz_steps=FLAGS.lipschitz_steps,
-                               lipschitz_step_size=FLAGS.lipschitz_step_size,
-                               lipschitz_restarts=FLAGS.lipschitz_restarts,
-                               train_eval_size=FLAGS.train_eval_size,
-                               curve_size=FLAGS.curve_size,
-                               attacks=tuple(FLAGS.eval_attacks),
-                               attack_restarts=FLAGS.eval_attack_restarts),
-        speed=cfglib.SpeedConfig(**{name: flag.value for name, flag in SPEED_FLAGS.items()}),
-        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        log_every=FLAGS.log_every,
-    )
+    return config_flags.config_from_flags()
 
 
 def default_workdir(cfg: cfglib.RunConfig) -> str:

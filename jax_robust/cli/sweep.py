@@ -24,6 +24,7 @@ import time
 from absl import flags
 
 from jax_robust.cli import common as cli
+from jax_robust.cli import config_flags
 from jax_robust import config as cfglib
 from jax_robust import methods, recipes
 from jax_robust.errors import UserError
@@ -40,25 +41,13 @@ flags.DEFINE_list("rows", None, "rows to run: the paper's row names (natural, gr
 flags.DEFINE_list("variants", ["official"], "official and/or paper")
 flags.DEFINE_list("dropouts", [""], "dropout rates to cross with the rows ('' = the arch's)")
 flags.DEFINE_string("seeds", "1", "N (seeds 0..N-1) or a list, e.g. 0,3,7")
-flags.DEFINE_string("dataset", "digits", "data set")
-flags.DEFINE_string("data_dir", None, "data directory")
-flags.DEFINE_string("arch", "cnn1", "architecture")
-flags.DEFINE_integer("epochs", None, "epochs (default: the data set's official number)")
-flags.DEFINE_list("milestones", None, "lr x0.1 after these epochs (default: official)")
-flags.DEFINE_integer("max_train", None, "use only the first N training points")
-flags.DEFINE_integer("max_test", None, "use only the first N test points")
-flags.DEFINE_integer("train_eval_size", None, "training points evaluated (default all)")
-flags.DEFINE_integer("eval_batch_size", 256, "evaluation batch size")
+# Every other setting is run.py's flag, with its default: a sweep takes every run flag.
+GRID_SETTINGS = ("train.method", "train.variant", "train.hparams", "train.seed",
+                 "model.dropout")
+config_flags.define_config_flags(exclude=GRID_SETTINGS)
 flags.DEFINE_string("workdir", "runs/sweep", "root of the runs and the report")
-flags.DEFINE_bool("attack_unroll", None, "speed: unroll the PGD and lipschitz loops (default: "
-                  "on CPU; off compiles faster, for small grids)")
 flags.DEFINE_bool("overwrite", False, "re-run cells made with other settings (deletes them)")
 cli.define_process_flags()
-
-# Settings that do not change a run's numbers: a cell made with others is still reused.
-# (eval.attacks only adds keys to results.json: `run.py --eval_only --eval_attacks=...`.)
-NOT_IDENTITY = ("checkpoint_every", "keep_checkpoints", "log_every", "speed.", "data.data_dir",
-                "eval.attacks", "eval.attack_restarts")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -104,14 +93,7 @@ def parse_dropouts(values: list[str]) -> list[float | None]:
 
 
 def base_config() -> cfglib.RunConfig:
-    milestones = cli.parse_milestones(FLAGS.milestones)
-    return cfglib.RunConfig(
-        data=cfglib.DataConfig(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train, FLAGS.max_test),
-        model=cfglib.ModelConfig(FLAGS.arch),
-        train=cfglib.TrainConfig(epochs=FLAGS.epochs, milestones=milestones),
-        eval=cfglib.EvalConfig(batch_size=FLAGS.eval_batch_size,
-                               train_eval_size=FLAGS.train_eval_size),
-        speed=cfglib.SpeedConfig(attack_unroll=FLAGS.attack_unroll))
+    return config_flags.config_from_flags(exclude=GRID_SETTINGS)
 
 
 def grid(base: cfglib.RunConfig) -> list[tuple[str, cfglib.RunConfig]]:
@@ -136,23 +118,53 @@ def grid(base: cfglib.RunConfig) -> list[tuple[str, cfglib.RunConfig]]:
     return cells
 
 
-def stale_settings(workdir: str, cfg: cfglib.RunConfig) -> list[str]:
-    """Settings of the results.json or newest checkpoint in `workdir` that differ from
-    `cfg`'s (the speed options and other settings in NOT_IDENTITY aside)."""
-    from jax_robust.train import config_changes
-
-    saved = None
+def saved_config(workdir: str) -> tuple[dict | None, str]:
+    """(config, source) of what `workdir` holds: its results.json's config, else its newest
+    readable checkpoint's; (None, '') for an empty cell. A results.json that cannot be read
+    gives ({}, 'results.json (unreadable)')."""
     results = os.path.join(workdir, "results.json")
     if os.path.exists(results):
         try:
             with open(results) as f:
                 saved = json.load(f)["config"]
+            if not isinstance(saved, dict):
+                raise TypeError
+            return saved, "results.json"
         except (OSError, ValueError, KeyError, TypeError):
-            return ["results.json (unreadable)"]
+            return {}, "results.json (unreadable)"
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        from jax_robust import checkpoint as ckpt
+        from jax_robust.errors import CheckpointError
+
+        try:
+            meta = ckpt.newest_meta(os.path.join(workdir, "checkpoints"))
+        except CheckpointError:
+            return None, ""  # damaged or empty: the run itself quarantines and restarts
+        return meta.get("config", {}), "checkpoints"
+    return None, ""
+
+
+def stale_settings(workdir: str, cfg: cfglib.RunConfig) -> list[str]:
+    """The settings of `workdir`'s results.json (or, before it exists, its newest checkpoint)
+    that make it another cell than `cfg`: those of the run's identity and, for results, of
+    its evaluation (config.RUN, config.EVAL; the speed options and the like aside)."""
+    saved, source = saved_config(workdir)
     if saved is None:
         return []
-    current = cfg.to_dict()
-    return [c for c in config_changes(saved, current) if not c.startswith(NOT_IDENTITY)]
+    if source == "results.json (unreadable)":
+        return [source]
+    kinds = (cfglib.RUN, cfglib.EVAL) if source == "results.json" else (cfglib.RUN,)
+    return cfglib.config_changes(saved, cfg.to_dict(), kinds=kinds)
+
+
+def cell_finished(workdir: str, total_steps: int) -> bool:
+    """Whether `workdir`'s results.json holds the evaluation of the run's final step."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+        return results.get("finished", True) is True and results["steps"] == total_steps
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def main(argv):
@@ -167,7 +179,8 @@ def main(argv):
     for name, settings in stale.items():
         if settings and not FLAGS.overwrite:
             raise UserError(f"{os.path.join(root, name)} holds a run made with other "
-                            f"{', '.join(settings)}; use another --workdir or --overwrite")
+                            f"settings ({', '.join(settings)}); use another --workdir or "
+                            f"--overwrite (nothing was changed)")
     ensure_writable_dir(root)
     cli.join_processes()
 
@@ -175,10 +188,11 @@ def main(argv):
     from jax_robust import distributed, report, train
 
     primary = distributed.is_primary()
-    dataset = datalib.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_train,
-                                   FLAGS.max_test)
-    todo = [(n, c) for n, c in cells
-            if stale[n] or not os.path.exists(os.path.join(root, n, "results.json"))]
+    base = cells[0][1].data
+    dataset = datalib.load_dataset(base.dataset, base.data_dir, base.max_train, base.max_test)
+    n_train = len(dataset.x_train)
+    todo = [(n, c) for n, c in cells if stale[n] or not cell_finished(
+        os.path.join(root, n), c.train.epochs * -(-n_train // c.train.batch_size))]
     distributed.barrier("jax_robust-sweep-start")  # every process has read the same state
     cli.say(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
     start, finished = time.time(), 0
