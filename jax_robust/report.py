@@ -23,51 +23,21 @@ COLUMNS = ("train_acc", "test_acc", "adv_test_acc", "test_lipschitz", "gap", "ad
            "test_lipschitz_ascent")
 HEADERS = ("train", "test", "adv test", "lipschitz", "gap", "adv gap", "lipschitz (ascent)")
 PAPER_COLUMNS = COLUMNS[:6]
-# PAPER.md, "Reference results": per (data set, arch), one line per method tag with the six
-# PAPER_COLUMNS (train, test, adv test, lipschitz, gap, adv gap).
-_PAPER_TEXT = """
-mnist cnn1
-natural 100.00 99.20 59.83 67.25 0.80 0.45 | gr 99.99 99.29 91.03 26.05 0.70 3.49
-llr 100.00 99.43 92.14 30.44 0.57 4.42 | at 99.98 99.31 97.21 8.84 0.67 2.67
-rst0.5 100.00 99.34 96.53 11.09 0.66 3.16 | rst1 100.00 99.31 96.96 11.31 0.69 2.95
-rst2 100.00 99.31 97.09 12.39 0.69 2.87 | trades1 99.81 99.26 96.60 9.69 0.55 2.10
-trades3 99.21 98.96 96.66 7.83 0.25 1.33 | trades6 97.50 97.54 93.68 2.87 -0.04 0.37
-mnist cnn2
-natural 100.00 99.51 86.01 23.06 0.49 -0.28 | gr 99.99 99.55 93.71 20.26 0.44 2.55
-llr 100.00 99.57 95.13 9.75 0.43 2.28 | at 99.98 99.48 98.03 6.09 0.50 1.92
-rst0.5 100.00 99.53 97.72 8.27 0.47 2.27 | rst1 100.00 99.55 98.27 6.26 0.45 1.73
-rst2 100.00 99.56 98.48 4.55 0.44 1.52 | trades1 99.96 99.58 98.10 4.74 0.38 1.70
-trades3 99.80 99.57 98.54 2.14 0.23 1.18 | trades6 99.61 99.59 98.73 1.36 0.02 0.80
-cifar10 wrn
-natural 100.00 93.81 0.00 425.71 6.19 0.00 | gr 94.90 80.74 21.32 28.53 14.16 3.94
-llr 100.00 91.44 22.05 94.68 8.56 4.50 | rst0.5 99.90 85.11 39.58 20.67 14.79 36.26
-rst1 99.86 84.61 40.89 23.15 15.25 41.31 | rst2 99.73 83.87 41.75 23.80 15.86 43.54
-at 99.84 83.51 43.51 26.23 16.33 49.94 | trades1 99.76 84.96 43.66 28.01 14.80 44.60
-trades3 99.78 85.55 46.63 22.42 14.23 47.67 | trades6 98.93 84.46 48.58 13.05 14.47 42.65
-restricted_imagenet resnet50
-natural 97.72 93.47 7.89 32228.51 4.25 -0.46 | gr 91.12 88.51 62.14 886.75 2.61 0.19
-llr 98.76 93.44 52.62 4795.66 5.32 0.22 | rst0.5 96.08 92.02 79.24 451.57 4.06 4.57
-rst1 95.66 92.06 79.69 355.43 3.61 4.67 | rst2 96.02 91.14 81.41 394.40 4.87 6.19
-at 96.22 90.33 82.25 287.97 5.90 8.23 | trades1 97.39 92.27 79.90 2144.66 5.13 6.66
-trades3 95.74 90.75 82.28 396.67 5.00 6.41 | trades6 93.34 88.92 82.13 200.90 4.42 5.31
-"""
 
 
-def _parse_paper(text: str) -> dict[tuple[str, str], dict[str, tuple[float, ...]]]:
+def load_paper_results() -> dict[tuple[str, str], dict[str, tuple[float, ...]]]:
+    """The paper's reference numbers (package data paper_results.csv): {(data set, arch):
+    {method tag: the six PAPER_COLUMNS}}."""
+    path = os.path.join(os.path.dirname(__file__), "paper_results.csv")
     tables: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {}
-    rows: dict[str, tuple[float, ...]] = {}
-    for line in text.strip().splitlines():
-        fields = line.split()
-        if len(fields) == 2:
-            rows = tables.setdefault((fields[0], fields[1]), {})
-            continue
-        for entry in line.split("|"):
-            tag, *values = entry.split()
-            rows[tag] = tuple(float(v) for v in values)
+    with open(path) as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            tables.setdefault((row["dataset"], row["arch"]), {})[row["method_tag"]] = tuple(
+                float(row[c]) for c in PAPER_COLUMNS)
     return tables
 
 
-PAPER_RESULTS = _parse_paper(_PAPER_TEXT)
+PAPER_RESULTS = load_paper_results()
 
 
 @dataclasses.dataclass
