@@ -29,9 +29,11 @@ from jax_robust import layers, onednn
 needs_onednn = pytest.mark.skipif(
     not onednn.supports(jnp.float32),
     reason=f"oneDNN's convolutions are unavailable here: {onednn.unavailable_reason()}")
-needs_bf16 = pytest.mark.skipif(not onednn.supports(jnp.bfloat16),
-                                reason="this CPU's oneDNN has no bfloat16 convolutions "
-                                       f"({onednn.unavailable_reason() or 'no AVX-512'})")
+needs_bf16 = pytest.mark.skipif(
+    not onednn.supports(jnp.bfloat16),
+    reason=(f"oneDNN's convolutions are unavailable here: {onednn.unavailable_reason()}"
+            if onednn.unavailable_reason() else
+            "this CPU's oneDNN has no bfloat16 convolutions (oneDNN 3.2: with AVX-512 only)"))
 needs_compiler = pytest.mark.skipif(onednn._compiler() is None,
                                     reason="no C++ compiler (g++, c++ or $CXX) here")
 
