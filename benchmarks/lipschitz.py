@@ -1,5 +1,5 @@
 """Images/s of the "test lipschitz" estimate: `lipschitz_estimate(direction="descent")` against
-the official PyTorch procedure (`estimate_local_lip_v2`, OFFICIAL_CODE.md section 5) in several
+the official PyTorch procedure (`estimate_local_lip_v2`, docs/official_code.md section 11) in several
 PyTorch modes.
 
     python benchmarks/lipschitz.py                       # cnn1, cnn2; batch 128

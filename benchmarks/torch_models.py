@@ -1,13 +1,13 @@
 """PyTorch baselines for the speed benchmarks: the official nets and the official procedures.
 
-  CNN1        lolip `CNN001` (OFFICIAL_CODE.md section 2): conv32-relu-conv64-pool-dropout2d(.25)
+  CNN1        lolip `CNN001` (docs/official_code.md section 3): conv32-relu-conv64-pool-dropout2d(.25)
               -dense128-relu-dropout(.5)-dense10
   CNN2        lolip `CNN002` = TRADES `SmallCNN`
   WideResNet  TRADES `wideresnet.py` (pre-activation BasicBlocks; depth 6n+4, widen factor)
-  at_step     one adversarial-training step (OFFICIAL_CODE.md 3.4): PGD on mean CE from
+  at_step     one adversarial-training step (docs/official_code.md sections 6-7): PGD on mean CE from
               x + U(-eps, eps) clipped to [0, 1]; sign steps; clip, project, clip; then CE of
               the adversarial batch, backward, optimizer step
-  lipschitz   `estimate_local_lip_v2` (OFFICIAL_CODE.md section 5) on one batch
+  lipschitz   `estimate_local_lip_v2` (docs/official_code.md section 11) on one batch
   MODES       the ways of running them that the benchmarks time (eager or `torch.compile`,
               NCHW or channels_last, weights' requires_grad on or off in the attack); `prepare`
 Inputs are NCHW in [0, 1] (PyTorch's layout); the JAX side takes the same data as NHWC.

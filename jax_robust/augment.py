@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 AUGMENTATIONS = ("none", "crop_flip", "crop")
-# The official augmentation of each data set (OFFICIAL_CODE.md, section 1).
+# The official augmentation of each data set (docs/official_code.md, section 2).
 OFFICIAL_AUGMENTATION = {"cifar10": "crop_flip", "restricted_imagenet": "crop"}
 
 

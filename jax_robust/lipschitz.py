@@ -1,7 +1,7 @@
 """The paper's "test lipschitz": local Lipschitzness of a classifier around data points.
 
 Per example, r(x, x') = ||f(x) - f(x')||_1 / ||(x - x') + 1e-6||_inf on the logits
-(OFFICIAL_CODE.md, section 5), searched over x' in the l_inf ball B(x, eps) intersected with
+(docs/official_code.md, section 11), searched over x' in the l_inf ball B(x, eps) intersected with
 [0, 1]. The reported number is the mean of r over a data set.
 
 direction="descent" (the official code, the default): x' starts at x + 0.001 N(0, 1); 10 steps

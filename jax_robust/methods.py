@@ -103,7 +103,7 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-# The official code's weights (OFFICIAL_CODE.md 3.1, 3.4).
+# The official code's weights (docs/official_code.md, sections 6-9).
 LAM = "weight of the regulariser"
 register(Method("natural", objectives.natural_objective, label="Natural", tag="natural"))
 register(Method("gr", objectives.gr_objective, label="GR", tag="gr", hparams=(

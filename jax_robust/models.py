@@ -3,7 +3,7 @@
 Every module takes `train: bool` explicitly (dropout on, BatchNorm batch statistics) and has
 its dropout rate as a field (0 turns it off), and its speed options (config.SpeedConfig,
 layers.py) as the field `speed`: they change how it is computed, never the values. Layers and
-initialisation follow the official PyTorch code (OFFICIAL_CODE.md, section 2):
+initialisation follow the official PyTorch code (docs/official_code.md, section 3):
   CNN1        conv32-relu-conv64-pool-dropout2d(p/2)-dense128-relu-dropout(p)-dense; p=.5
   CNN2        TRADES' SmallCNN; conv kaiming-normal, last layer zero; dropout .5
   WideResNet  TRADES' pre-activation WRN (depth, width fields; 40-10 is the paper's)

@@ -10,7 +10,7 @@ hp: `ObjectiveParams`. The loss is the official SUMMED loss divided by the batch
 updates, the smaller last batch of an epoch included.
 
 `hp.variant` selects what is computed where the official code and the paper differ
-(PAPER.md, "Fidelity policy"):
+(docs/paper.md, section 10):
   natural  identical.
   at, rst  official: the PGD attack runs in train mode (dropout on, BatchNorm batch statistics,
            running statistics updated by every attack iterate); paper: eval mode.

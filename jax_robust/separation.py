@@ -1,4 +1,4 @@
-"""l_inf separation of labelled data and the theorem's distance classifier (PAPER.md).
+"""l_inf separation of labelled data and the theorem's distance classifier (docs/paper.md, sections 3-4).
 
 Every answer is an exact brute force over point pairs (no approximate search):
 

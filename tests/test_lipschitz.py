@@ -1,5 +1,5 @@
 """lipschitz_estimate: ascent against the exact maximum of a linear map, descent against a
-step-by-step NumPy transcription of the official estimator (OFFICIAL_CODE.md, section 5)."""
+step-by-step NumPy transcription of the official estimator (docs/official_code.md, section 11)."""
 
 import itertools
 
