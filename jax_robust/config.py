@@ -122,6 +122,9 @@ class EvalConfig:
                                           "fixed random subset", identity=EVAL)
     curve_size: int = setting(512, "test points of the per-epoch accuracies in "
                               "metrics.jsonl", identity=EVAL)
+    train_curve_size: int = setting(0, "training points (a fixed random subset) of per-epoch "
+                                    "clean and PGD accuracies in eval mode in metrics.jsonl "
+                                    "(0: none)", identity=EVAL)
     # Attacks of the final test evaluation beyond the paper's PGD (robustness.ATTACKS), each
     # reported with the per-example worst case; restarts of pgd and apgd there. They only
     # add keys to results.json (`run.py --eval_only --eval_attacks=...`): not the identity.
@@ -133,6 +136,9 @@ class EvalConfig:
                                        choices=EVAL_ATTACKS)
     attack_restarts: int = setting(1, "random restarts of pgd and apgd there",
                                    flag="eval_attack_restarts", identity=None)
+    attack_size: int | None = setting(None, "test points (the first N) of the attacks beyond "
+                                      "pgd (default: all)", flag="eval_attack_size",
+                                      identity=None)
 
 
 def speed_option(lever, plain, help: str) -> Any:
@@ -331,12 +337,15 @@ def validate(cfg: RunConfig) -> None:
                         ("lipschitz_restarts", e.lipschitz_restarts),
                         ("lipschitz_steps", e.lipschitz_steps),
                         ("train_eval_size", e.train_eval_size), ("curve_size", e.curve_size),
+                        ("eval_attack_size", e.attack_size),
                         ("eval attack_restarts", e.attack_restarts),
                         ("max_train", cfg.data.max_train), ("max_test", cfg.data.max_test),
                         ("wrn_width", m.wrn_width)):
         _at_least_one(name, value)
     if t.momentum is not None and not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
         raise UserError(f"momentum must be in [0, 1), got {t.momentum}")
+    if e.train_curve_size < 0:
+        raise UserError(f"train_curve_size must be non-negative, got {e.train_curve_size}")
     if t.seed < 0:
         raise UserError(f"seed must be non-negative, got {t.seed}")
     ms = t.milestones or ()

@@ -198,10 +198,12 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
     def checkpoint_if_finite(state, step, epoch):
         bad = int(acc["first_bad"])
         if bad >= 0:
+            kept = loop.manager.latest_step()
             raise TrainingDiverged(
                 f"the loss or the parameters became non-finite at step {bad} "
-                f"(epoch {(bad - 1) // spe + 1}); the last good checkpoint "
-                f"(step {loop.manager.latest_step()}) is kept; lower --lr")
+                f"(epoch {(bad - 1) // spe + 1}); " + (
+                    "no checkpoint was saved before it" if kept is None else
+                    f"the last good checkpoint (step {kept}) is kept") + "; lower --lr")
         ckpt.save(loop.manager, step, state, {
             "epoch": epoch, "step": step, "config": cfg.to_dict(),
             "data_info": dataclasses.asdict(loop.dataset.info),
@@ -218,7 +220,8 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
                  "train_loss": float(sums["loss_sum"] / max(sums["count"], 1)),
                  "train_acc": 100 * float(sums["correct"] / max(sums["count"], 1)),
                  "test_subset_acc": curve["acc"], "adv_test_subset_acc": curve["adv_acc"],
-                 "test_subset_size": curve["count"], "seconds": seconds_so_far()}
+                 "test_subset_size": curve["count"], **curve.get("train", {}),
+                 "seconds": seconds_so_far()}
         lines.append(json.dumps(entry))
         if primary:
             write_text_atomic(loop.metrics_path, "".join(line + "\n" for line in lines))
@@ -348,12 +351,21 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                                   mesh, cfg.data.augment, image_hw, max_traces=1)
         curve_step = eval_step(lipschitz=False)
         n_curve = min(e.curve_size, len(dataset.x_test))
+        train_curve = eval_subset(n_train, e.train_curve_size)
 
         def curve(s):
-            return evaluate(curve_step, s.params, s.model_state,
-                            datalib.take(dataset.x_test, np.arange(n_curve)),
-                            dataset.y_test[:n_curve], jax.random.fold_in(eval_key, 2),
-                            log=lambda _: None, batch_size=e.batch_size, mesh=mesh)
+            out = evaluate(curve_step, s.params, s.model_state,
+                           datalib.take(dataset.x_test, np.arange(n_curve)),
+                           dataset.y_test[:n_curve], jax.random.fold_in(eval_key, 2),
+                           log=lambda _: None, batch_size=e.batch_size, mesh=mesh)
+            if len(train_curve):  # eval mode on a fixed training subset: where gaps open
+                r = evaluate(curve_step, s.params, s.model_state,
+                             datalib.take(dataset.x_train, train_curve),
+                             dataset.y_train[train_curve], jax.random.fold_in(eval_key, 4),
+                             log=lambda _: None, batch_size=e.batch_size, mesh=mesh)
+                out["train"] = {"train_subset_acc": r["acc"], "adv_train_subset_acc":
+                                r["adv_acc"], "train_subset_size": r["count"]}
+            return out
 
         loop = _Loop(cfg, dataset, mesh, step_fn, curve, manager, train_key, steps_per_epoch,
                      total_steps, os.path.join(workdir, "metrics.jsonl"), log, should_stop)
@@ -371,11 +383,16 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                      jax.random.fold_in(eval_key, 1), name="train", **ev)
     if cfg.eval.attacks != ("pgd",):
         variables = {"params": state.params, "model_state": state.model_state}
+        n_attack = min(e.attack_size or len(dataset.x_test), len(dataset.x_test))
         robust = evaluate_robustness(
-            inference_apply(model_fn), variables, dataset.x_test, dataset.y_test, hp.eps, attacks=e.attacks,
+            inference_apply(model_fn), variables, datalib.take(dataset.x_test,
+                                                               np.arange(n_attack)),
+            dataset.y_test[:n_attack], hp.eps, attacks=e.attacks,
             key=jax.random.fold_in(eval_key, 3), batch_size=e.batch_size,
-            restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll)
+            restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll,
+            should_stop=should_stop)
         extra = {f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in e.attacks}
+        extra["attack_examples"] = n_attack
         extra.update(adv_test_acc_worst=robust["acc_worst"],
                      zero_grad_fraction=robust["zero_grad_fraction"],
                      adv_test_acc_pgd_eps_x2=robust["acc_pgd_eps_x2"],
