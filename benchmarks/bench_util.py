@@ -60,7 +60,7 @@ def start_frameworks(torch: bool = True, malloc: str = "fixed") -> None:
     core and cuDNN autotuning (GPU: fixed shapes), and prints the machine header. Fixed, the
     same for both frameworks, neither one's speed depends on what the other freed before it:
     with glibc's moving defaults PyTorch ran about 17% slower after the JAX step with oneDNN's
-    convolutions than after XLA's (torch_beside_jax.py; BUILD_NOTES.md, session 9)."""
+    convolutions than after XLA's (torch_beside_jax.py; docs/performance.md)."""
     from jax_robust.speed_flags import fix_malloc
 
     malloc_info = fix_malloc() if malloc == "fixed" else "malloc: glibc's defaults"

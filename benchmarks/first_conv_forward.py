@@ -4,7 +4,7 @@ jitted alone, with and without the bias + ReLU that follow it in the CNNs:
   taps    nine broadcast multiply-adds of shifted input windows
   im2col  the nine windows stacked, one [n*26*26, 9] x [9, 32] matmul
 Prints the median ms per call and the largest difference from XLA's conv. The lone-op gain of
-`taps` did not carry into the AT step (BUILD_NOTES.md, "Session 6: per-layer conv profile").
+`taps` did not carry into the AT step (docs/history.md, "Session 6: per-layer conv profile").
 
   python benchmarks/first_conv_forward.py
 """

@@ -45,7 +45,7 @@ poolidx (PyTorch's first-max pool gradient from a saved index; now `pool_ties='f
 semantic option rather than a speed lever), biasdot (bias gradients as ones-vector dots, by
 patching a private JAX function), relupool (CNN2's ReLU after the pool) and nodonate (the step
 jitted without donation). They needed module attributes or private JAX internals patched, and
-were measured before without gain (BUILD_NOTES.md, "Speed against PyTorch eager", has their
+were measured before without gain (docs/history.md, "Speed against PyTorch eager", has their
 numbers).
 """
 

@@ -10,7 +10,7 @@ allocations cannot reach the other's PyTorch); in each, for `--rounds` rounds: o
 repetition of JAX steps, then `--torch_reps` timed repetitions of the PyTorch mode
 (`--torch_mode`). Printed: per variant, the median images/s of JAX and of PyTorch after it.
 PyTorch's figure should not depend on the variant beside it; session 9 found it did under
-glibc's malloc defaults (BUILD_NOTES.md). Flags of at_step.py (--steps, --batch, ...) pass on.
+glibc's malloc defaults (docs/performance.md). Flags of at_step.py (--steps, --batch, ...) pass on.
 """
 
 from __future__ import annotations

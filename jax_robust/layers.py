@@ -1,7 +1,7 @@
 """Layers whose computation has a speed option (config.SpeedConfig): same values, other programs.
 
 Each option computes exactly the values of the plain JAX form; the work is rearranged, mostly
-in the backward pass, where XLA:CPU is slow when left to autodiff (measured in BUILD_NOTES.md):
+in the backward pass, where XLA:CPU is slow when left to autodiff (measured in docs/performance.md):
   max_pool_2x2      2x2/2 max-pool as the max of the four window corners, with a custom VJP
                     (a tie count and one select); ties share the gradient evenly, as JAX's
                     reduce-max gradient does. `pool_2x2(x, "autodiff")` is the plain form.

@@ -311,7 +311,7 @@ def init_model(module: nn.Module, key: jax.Array, image_shape) -> tuple[Any, Any
     """(params, model_state) for `module` on inputs of `image_shape` (H, W, C)."""
     # One compiled program: run eagerly, init compiles every initializer op on its own
     # (about 80 small programs and 7 s for a WRN-16-2). It runs once, so it is compiled at
-    # LLVM level 1: the same bits, 2-4x less compile time (BUILD_NOTES.md, "Session 8";
+    # LLVM level 1: the same bits, 2-4x less compile time (docs/history.md, "Session 8";
     # tests/test_models.py checks the bits).
     init = jax.jit(lambda k: module.init(
         {"params": k}, jnp.zeros((1, *image_shape), jnp.float32), train=False))

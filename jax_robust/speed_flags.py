@@ -5,7 +5,7 @@ that flag (their value wins). XLA reads XLA_FLAGS when JAX starts its first back
 first computation or `jax.devices()`), so call it before that: each binary in experiments/
 calls it first thing; notebook users call it in the first cell. This module imports no JAX.
 
-Flags (measured in BUILD_NOTES.md):
+Flags (measured in docs/performance.md):
   --xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce
       -individual_convolution: jaxlib 0.10's YNNPACK fusion runs unpadded convolutions much
       slower than the Eigen path (speed only).
@@ -36,7 +36,7 @@ def one_host_device_per_core() -> None:
 
     For work sharded over devices without collectives in its inner loop (the separation
     scan), where single-threaded devices, one per core, beat one device using XLA's intra-op
-    threads (BUILD_NOTES.md). Only the CPU platform is affected.
+    threads (docs/design.md, section 7). Only the CPU platform is affected.
     """
     flags_now = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags_now:
@@ -49,7 +49,7 @@ def one_host_device_per_core() -> None:
 # glibc's malloc thresholds for a process of this project: blocks up to 32 MB from the heap
 # (not a fresh mmap each, whose pages fault in anew at every step) and a 256 MB trim
 # threshold. glibc's defaults move the mmap threshold up as mmapped blocks are freed, so the
-# page faults a step takes depend on what was freed before it. Measured (BUILD_NOTES.md,
+# page faults a step takes depend on what was freed before it. Measured (docs/history.md,
 # session 9): the benchmarks' JAX AT step +3-9%; PyTorch timed in the same process 10-15%
 # faster and no longer dependent on the JAX program beside it. The benchmarks set it; the
 # binaries do not (a digits and a Fashion-MNIST run trained in the same seconds either way).

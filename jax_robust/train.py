@@ -234,7 +234,7 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
             batch = shard_batch(loop.mesh, batches.get(step, prefetch_next=step + 1 < total))
             state, metrics = loop.step_fn(state, batch, loop.key)
             # At most two steps in flight: a stop request then waits for one step, not for
-            # every step the host has dispatched ahead (SIGTERM latency, BUILD_NOTES.md).
+            # every step the host has dispatched ahead (SIGTERM latency, docs/design.md).
             if previous is not None:
                 previous.block_until_ready()
             previous = metrics["step"]

@@ -25,7 +25,7 @@
 // are never started: the OpenMP runtime is shared with PyTorch when both are loaded, and
 // extra OpenMP thread pools (one per calling XLA thread) throttle PyTorch's own (GOMP's spin
 // wait turns short once it manages more threads than there are CPUs): -35% on PyTorch's AT
-// step, measured (BUILD_NOTES.md).
+// step, measured (docs/history.md, session 9).
 //
 // Every call is checked before anything is read or written: dtypes (one of float32 and
 // bfloat16 for all), strides >= 1, pads >= 0, and that batch, channels, image sizes (given
@@ -225,7 +225,7 @@ int64_t PartStart(const Job& job, int64_t p) { return job.n * p / job.parts; }
 
 // Grow-only per-thread buffers for scratchpads and reordered kernels: after the first calls a
 // conv allocates nothing (per-call heap churn moved glibc's mmap threshold and slowed the
-// PyTorch steps timed beside it in one process; BUILD_NOTES.md).
+// PyTorch steps timed beside it in one process; docs/history.md, session 9).
 uint8_t* ThreadBuffer(int slot, size_t bytes) {
   thread_local std::vector<uint8_t> buffers[5];
   std::vector<uint8_t>& b = buffers[slot];
