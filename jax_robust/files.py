@@ -54,8 +54,21 @@ def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def check_local_path(path: str, what: str = "workdir") -> None:
+    """UserError for a remote URL (gs://, s3://, ...): run directories are written with the
+    local file API (atomic renames, file locks), so a bucket must be mounted (gcsfuse, a
+    shared POSIX filesystem) and given as the mount's path."""
+    if "://" in str(path):
+        scheme = str(path).split("://", 1)[0]
+        raise UserError(f"{what} {path}: {scheme}:// paths are not supported for run "
+                        f"directories; mount the bucket (e.g. gcsfuse) and pass the mount's "
+                        f"path")
+
+
 def ensure_writable_dir(path: str) -> None:
-    """Makes directory `path` and probes it with a file; UserError if it cannot be written."""
+    """Makes directory `path` and probes it with a file; UserError if it is a remote URL or
+    cannot be written."""
+    check_local_path(path)
     try:
         os.makedirs(path, exist_ok=True)
         # A probe name of its own: processes of one run probe the same directory at once.
@@ -74,6 +87,7 @@ def exclusive_dir(path: str) -> Iterator[None]:
     """Holds an exclusive lock on run directory `path` (its file .run.lock, with this pid)
     while the block runs; UserError at once if another process holds it. The OS releases the
     lock when the process ends, however it ends, so a killed run leaves no stale lock."""
+    check_local_path(path)
     os.makedirs(path, exist_ok=True)
     f = open(os.path.join(path, LOCK_NAME), "a+")
     try:

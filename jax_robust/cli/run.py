@@ -20,7 +20,7 @@ from jax_robust.cli import config_flags
 from jax_robust import config as cfglib
 from jax_robust import methods, recipes
 from jax_robust.errors import UserError
-from jax_robust.files import ensure_writable_dir
+from jax_robust.files import check_local_path, ensure_writable_dir
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = config_flags.define_config_flags()
@@ -63,6 +63,7 @@ def prepare(argv: list[str]) -> tuple[cfglib.RunConfig, str]:
     cfg = config_from_flags()
     resolved = recipes.resolve(cfg, "cpu")
     workdir = os.path.expanduser(FLAGS.workdir or default_workdir(resolved))
+    check_local_path(workdir)
     if FLAGS.eval_only and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise UserError(f"--eval_only: {workdir} holds no checkpoints")
     ensure_writable_dir(workdir)
