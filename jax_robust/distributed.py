@@ -13,7 +13,9 @@ only after `heartbeat_timeout_seconds` (100 s by default), and a collective wait
 can block until then. The watchdog makes that `peer_timeout` seconds: every process
 publishes a counter in the coordinator's key-value store each second, and a process whose
 peer's counter has not moved for `peer_timeout` seconds prints one line naming the peer
-and exits with PEER_LOST_EXIT_CODE. If process 0 (which hosts the coordinator) dies, JAX
+and exits with PEER_LOST_EXIT_CODE. A collective that fails first (gloo: "Connection closed
+by peer", e.g. inside a checkpoint save) is reported the same way by the binaries
+(cli.common.run_main: `lost_peer`, `exit_peer_lost`): one line, that exit code, no traceback. If process 0 (which hosts the coordinator) dies, JAX
 itself terminates the others at once ("Terminating process because the JAX distributed
 service detected fatal errors", SIGABRT). Checkpoints are written atomically, so a rerun of
 every process resumes from the last complete one.
@@ -75,6 +77,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=init_timeout,
                                heartbeat_timeout_seconds=int(peer_timeout) * 2 + 10)
+    global _joined
+    _joined = jax.process_count() > 1
     if jax.process_count() > 1:
         threading.Thread(target=_watch_peers, args=(peer_timeout,), daemon=True,
                          name="jax_robust-peer-watchdog").start()
@@ -90,7 +94,7 @@ def _watch_peers(timeout: float) -> None:
     client = jax_distributed.global_state.client
     me, n = jax.process_index(), jax.process_count()
     last: dict[int, object] = {}
-    changed: dict[int, float] = {}
+    changed = _changed
     beat = 0
     while True:
         beat += 1
@@ -104,12 +108,72 @@ def _watch_peers(timeout: float) -> None:
             if p not in changed or value != last.get(p):
                 last[p], changed[p] = value, now
             elif now - changed[p] > timeout:
-                sys.stderr.write(f"error: process {p} of {n} stopped responding (no heartbeat "
-                                 f"for {timeout:g} s); process {me} exits. Rerun every "
-                                 f"process to resume from the last checkpoint\n")
-                sys.stderr.flush()
-                os._exit(PEER_LOST_EXIT_CODE)
+                exit_peer_lost(f"process {p} of {n} stopped responding (no heartbeat for "
+                               f"{timeout:g} s); process {me} exits. Rerun every process to "
+                               f"resume from the last checkpoint")
         time.sleep(1.0)
+
+
+_joined = False
+_exit_lock = threading.Lock()
+_changed: dict[int, float] = {}  # peer -> time.monotonic() its counter last changed (watchdog)
+# What a collective (gloo over TCP) or the coordination service says when another process is
+# gone: the connection to it closed or reset, or the service lost it.
+LOST_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                   "socket closed", "connection refused", "gloo", "unavailable:",
+                   "heartbeat", "coordination service")
+
+
+def exit_peer_lost(message: str) -> None:
+    """Prints `error: <message>` as one stderr line and ends this process at once with
+    PEER_LOST_EXIT_CODE. os._exit: JAX's exit handlers would wait for the lost peer. Only
+    the first caller (the watchdog or a failed collective) prints; a second one waits."""
+    with _exit_lock:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        os._exit(PEER_LOST_EXIT_CODE)
+
+
+def silent_peers(wait: float = 3.0) -> list[int]:
+    """The peers whose watchdog counter did not change during the next `wait` seconds (a live
+    peer's changes every second): after a failed collective, the ones that are gone."""
+    start = time.monotonic()
+    time.sleep(wait)
+    return sorted(p for p, t in dict(_changed).items() if t <= start)
+
+
+def report_lost_peer(gist: str) -> None:
+    """Ends this process like the watchdog after a collective failed because of a lost peer
+    (`gist`: `lost_peer`'s), naming the peer when its heartbeat stopped too (about 3 s)."""
+    import jax
+
+    me, n = jax.process_index(), jax.process_count()
+    gone = silent_peers()
+    who = (f"process {', '.join(map(str, gone))} of {n} stopped responding: a collective with "
+           f"it failed" if gone else "a collective with the other processes failed")
+    exit_peer_lost(f"{who} ({gist}); process {me} exits. Rerun every process to resume from "
+                   f"the last checkpoint")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """In a multi-process run, the one-line gist of `error` (or of an error it was raised
+    from) when it is a collective or the coordination service failing because another process
+    is gone (see LOST_PEER_SIGNS); None otherwise, and always in a single-process run."""
+    if not _joined:
+        return None
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = " ".join(str(error).split())
+        if any(sign in text.lower() for sign in LOST_PEER_SIGNS):
+            return f"{type(error).__name__}: {text[:160]}"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def free_port() -> int:

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax_robust.attacks import apgd_ce, cross_entropy, multitarget_attack, pgd_restarts
 from jax_robust.config import EVAL_ATTACKS
 from jax_robust.distributed import to_host
+from jax_robust.errors import Interrupted
 from jax_robust.pipeline import padded_batch
 
 ATTACKS = EVAL_ATTACKS
@@ -131,18 +132,26 @@ def _batch_size(n: int, batch_size: int, mesh: Mesh | None) -> int:
 
 
 def _run_batches(fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
-                 put: Callable, log: Callable[[str], None] | None, what: str):
+                 put: Callable, log: Callable[[str], None] | None, what: str,
+                 should_stop: Callable[[], bool] | None = None, name: str = ""):
     """Applies fn(x_b, y_b, b) -> pytree of [B] arrays to every batch; returns the pytree of
     [N] NumPy arrays, each example once (the last batch is padded by repeating its own rows,
-    and the padding is cut off)."""
+    and the padding is cut off). `should_stop` is polled before each batch (Interrupted when
+    true); at most two batches are in flight, so a stop waits for at most about two."""
     n = len(x)
     n_batches = math.ceil(n / batch_size)
     every = math.ceil(n_batches / 8)
     outs, start, timed_from = [], time.perf_counter(), None
     for b in range(n_batches):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped during the {name or what} attack of the robustness "
+                              f"evaluation (batch {b + 1} of {n_batches}); nothing of it "
+                              f"was written, rerun to evaluate")
         idx, mask = padded_batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)),
                                  batch_size)
         outs.append((fn(put(x[idx]), put(y[idx]), b), int(mask.sum())))
+        if should_stop is not None and len(outs) > 1:
+            jax.block_until_ready(outs[-2][0])
         if log is not None and n_batches > 8:
             if b == 0:  # the compile: rates count from the end of the first batch
                 jax.block_until_ready(outs[-1][0])
@@ -166,7 +175,8 @@ def evaluate_robustness(apply_fn: Callable, variables: Any, x, y, eps: float, *,
                         batch_size: int = 256, steps: int | None = None, restarts: int = 1,
                         num_classes: int | None = None,
                         log: Callable[[str], None] | None = None,
-                        mesh: Mesh | None = None, unroll: bool = True) -> dict[str, Any]:
+                        mesh: Mesh | None = None, unroll: bool = True,
+                        should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Clean and robust accuracy of a classifier on (x, y) under l_inf attacks of radius eps.
 
     Args:
@@ -191,6 +201,11 @@ def evaluate_robustness(apply_fn: Callable, variables: Any, x, y, eps: float, *,
         (jax_robust.distributed) every process passes the same x and y and gets the results.
       unroll: unroll the attacks' step loops (faster programs on XLA:CPU, much longer
         compiles; False for small models and tests).
+      should_stop: a poll (e.g. true after SIGTERM), called before every batch of every
+        attack; when true, `errors.Interrupted` is raised and nothing is returned. At most
+        two batches are then in flight, so the stop comes within about two batches' time.
+        Over several processes it must turn true on all of them at the same poll
+        (cli.common.stop_requests does).
 
     Returns:
       dict with "n"; "clean_acc", "acc_<attack>" per attack and "acc_worst" (percent);
@@ -225,7 +240,7 @@ def evaluate_robustness(apply_fn: Callable, variables: Any, x, y, eps: float, *,
         stream = jax.random.fold_in(key, _STREAM[name])
         return _run_batches(
             lambda xb, yb, b: step(variables, xb, yb, jax.random.fold_in(stream, b)),
-            x, y, bs, put, log, what)
+            x, y, bs, put, log, what, should_stop, name)
 
     k = steps_of["pgd"]
     base = run(make_pgd_step(apply_fn, eps=eps, steps=k, restarts=restarts, unroll=unroll),

@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_robust.distributed import to_host
+from jax_robust.errors import Interrupted
 
 AXIS = "q"
 # Distance of "no such point" (an empty class, or no point of another label): int path.
@@ -419,7 +420,8 @@ def _transposed_blocks(x: np.ndarray, order: np.ndarray, block: int, dp: int) ->
 
 def class_nearest(x_query, x_ref, y_ref, num_classes: int | None = None, *,
                   exclude_self: bool = False, tiling: Tiling = Tiling(),
-                  mesh: Mesh | None = None, progress: Callable[[Progress], None] | None = None):
+                  mesh: Mesh | None = None, progress: Callable[[Progress], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None):
     """Per-class nearest l_inf distance from each query to the reference points.
 
     x_query: [Nq, ...] and x_ref: [Nr, ...], both uint8 (grey levels) or both floating (finite);
@@ -427,7 +429,8 @@ def class_nearest(x_query, x_ref, y_ref, num_classes: int | None = None, *,
     index i skips the reference point with index i (x_query is x_ref or its first Nq points).
     Returns (dist [Nq, C], index [Nq, C]): int32 grey levels (uint8 input; NO_POINT_INT where a
     class has no point) or float32 pixel units (float input; inf), and int32 indices into x_ref
-    (-1 where none). Ties go to the smallest index.
+    (-1 where none). Ties go to the smallest index. `should_stop`: a poll before each jitted
+    call (one call at a time is in flight); when true, `errors.Interrupted` is raised.
     """
     xq = _flatten(x_query, "x_query")
     xr = _flatten(x_ref, "x_ref")
@@ -461,6 +464,7 @@ def class_nearest(x_query, x_ref, y_ref, num_classes: int | None = None, *,
     tiles_per_call = n_dev * tiling.blocks_per_call * nb
     start_time = time.monotonic()
     for call in range(calls):
+        _poll(should_stop, call, calls)
         lo, hi = call * chunk, min((call + 1) * chunk, nq)
         q = np.zeros((chunk, dp), xq.dtype)
         q[: hi - lo, :dims] = xq[lo:hi]
@@ -499,7 +503,8 @@ def other_label_from_class_nearest(class_dist: np.ndarray, class_index: np.ndarr
 def nearest_other_label_distance(x_query, y_query, x_ref, y_ref, exclude_self: bool = False, *,
                                  num_classes: int | None = None, tiling: Tiling = Tiling(),
                                  mesh: Mesh | None = None,
-                                 progress: Callable[[Progress], None] | None = None):
+                                 progress: Callable[[Progress], None] | None = None,
+                                 should_stop: Callable[[], bool] | None = None):
     """For each query, the l_inf distance to the nearest reference point of ANOTHER label.
 
     x_query [Nq, ...], y_query [Nq]; x_ref [Nr, ...], y_ref [Nr]; images both uint8 (exact grey
@@ -517,8 +522,15 @@ def nearest_other_label_distance(x_query, y_query, x_ref, y_ref, exclude_self: b
         num_classes = int(max(y_query.max(initial=0), np.asarray(y_ref).max(initial=0))) + 1
     class_dist, class_index = class_nearest(
         x_query, x_ref, y_ref, num_classes, exclude_self=exclude_self, tiling=tiling, mesh=mesh,
-        progress=progress)
+        progress=progress, should_stop=should_stop)
     return other_label_from_class_nearest(class_dist, class_index, y_query)
+
+
+def _poll(should_stop: Callable[[], bool] | None, call: int, calls: int) -> None:
+    """Raises Interrupted when `should_stop` says so (before jitted call `call` of `calls`)."""
+    if should_stop is not None and should_stop():
+        raise Interrupted(f"stopped during the distance scan (call {call + 1} of {calls}); "
+                          f"nothing was written, rerun to compute it")
 
 
 def _block_pairs(block_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -529,7 +541,8 @@ def _block_pairs(block_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def train_train_distance(x, y, *, num_classes: int | None = None, tiling: Tiling = Tiling(),
                          mesh: Mesh | None = None, calls: int = 20,
-                         progress: Callable[[Progress], None] | None = None):
+                         progress: Callable[[Progress], None] | None = None,
+                         should_stop: Callable[[], bool] | None = None):
     """Table 1's Train-Train: for each point, the nearest point of ANOTHER label in the same set.
 
     Same answer as `nearest_other_label_distance(x, y, x, y, exclude_self=True)`, but each pair
@@ -537,6 +550,7 @@ def train_train_distance(x, y, *, num_classes: int | None = None, tiling: Tiling
     balanced classes, against N^2). x: [N, ...] uint8 or floating; y: [N] ints. The pair list
     is cut into `calls` jitted calls (progress steps). Returns (dist [N], index [N]) as
     `nearest_other_label_distance`; among equal distances the smallest index wins.
+    `should_stop`: a poll before each call (one in flight); true -> `errors.Interrupted`.
     """
     x = _flatten(x, "x")
     y, num_classes = _check_refs(x, y, num_classes)
@@ -568,12 +582,14 @@ def train_train_distance(x, y, *, num_classes: int | None = None, tiling: Tiling
                           by_device)
     start_time = time.monotonic()
     for call in range(n_calls):
+        _poll(should_stop, call, n_calls)
         part = slice(call * per_call, (call + 1) * per_call)
         best = _train_train_call(*(jax.device_put(a[part], by_device)
                                    for a in (pair_i, pair_j, valid)),
                                  best, blocks_t, block_index, tiling=tiling, mesh=mesh)
-        if progress is not None:
+        if progress is not None or should_stop is not None:
             jax.block_until_ready(best)
+        if progress is not None:
             progress(Progress(min((call + 1) * per_call, len(valid) - pad), len(valid) - pad,
                               b * b, dims, time.monotonic() - start_time))
     dist, index = _combine_devices(jax.tree.map(to_host, best), is_int)

@@ -38,6 +38,13 @@ def run_main(main: Callable, *, before_jax: Callable[[], None] = append_speed_fl
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
             sys.exit(130)
+        except Exception as e:
+            from jax_robust import distributed
+
+            gist = distributed.lost_peer(e)
+            if gist is None:
+                raise
+            distributed.report_lost_peer(gist)  # one line, exit code 3 (no traceback)
 
     try:
         flags.FLAGS(sys.argv)
@@ -106,7 +113,10 @@ def say(message: str) -> None:
 def stop_requests() -> Callable[[], bool]:
     """A poll that turns true after SIGTERM or Ctrl-C. Over several processes it is true on
     all of them at the same poll (JAX's preemption sync point, which a SIGTERM to any one
-    process triggers), so they save the same checkpoint together."""
+    process triggers), so they save the same checkpoint together. Every long phase polls it
+    (training steps, evaluation batches, each attack's batches, the separation scan's calls)
+    and ends with one line (errors.Interrupted) and exit code 130; docs/faults.md has the
+    measured delays."""
     import jax
 
     if jax.process_count() > 1:
@@ -119,9 +129,8 @@ def stop_requests() -> Callable[[], bool]:
     stop = {"requested": False}
 
     def request_stop(signum, frame):
+        # Silent: the work stops at its next poll and says so in one line (errors.Interrupted).
         stop["requested"] = True
-        print(f"signal {signum}: stopping (a checkpoint is saved if training)", file=sys.stderr,
-              flush=True)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

@@ -14,8 +14,10 @@ first failure's code.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +45,27 @@ def command(binary: str, args: list[str], port: int, n: int, i: int) -> list[str
                         f"{binary!r}")
     return [sys.executable, "-u", *target, *args, f"--coordinator_address=localhost:{port}",
             f"--num_processes={n}", f"--process_id={i}"]
+
+
+def check_port_free(port: int) -> None:
+    """UserError unless `port` is a TCP port number that this machine could listen on now
+    (process 0's coordinator binds it on every interface)."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in [1, 65535], got {port}")
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 here
+            continue
+        with s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
+                    continue
+                raise UserError(f"--port={port} cannot be used: {e.strerror or e} (another "
+                                f"program listens on it?); pick another port or leave --port "
+                                f"out for a free one") from None
 
 
 def stream(i: int, pipe, lock: threading.Lock) -> None:
@@ -87,6 +110,8 @@ def main(argv):
     if FLAGS.num_processes < 1:
         raise UserError(f"--num_processes must be >= 1, got {FLAGS.num_processes}")
     binary, args = argv[1], argv[2:]
+    if FLAGS.port:
+        check_port_free(FLAGS.port)
     port = FLAGS.port or free_port()
     commands = [command(binary, args, port, FLAGS.num_processes, i)
                 for i in range(FLAGS.num_processes)]

@@ -115,8 +115,10 @@ def plot_closest_pairs(rows, image_shape, class_names, path) -> None:
     plt.close(fig)
 
 
-def measure(ds, eps: float, n_closest: int, train_classifier: bool, progress) -> tuple:
-    """Distances, statistics and the distance classifier for one data set.
+def measure(ds, eps: float, n_closest: int, train_classifier: bool, progress,
+            should_stop=None) -> tuple:
+    """Distances, statistics and the distance classifier for one data set. `should_stop`:
+    polled between the scans' jitted calls (errors.Interrupted when true).
 
     Returns (result dict for separation.json, (train-train dist, index), (test-train dist,
     index)), distances in grey levels.
@@ -132,10 +134,12 @@ def measure(ds, eps: float, n_closest: int, train_classifier: bool, progress) ->
 
     t0 = time.monotonic()
     tt_d, tt_i = separation.train_train_distance(x_train, y_train, num_classes=n_cls,
-                                                 progress=progress("train-train"))
+                                                 progress=progress("train-train"),
+                                                 should_stop=should_stop)
     t1 = time.monotonic()
     te_cd, te_ci = separation.class_nearest(x_test, x_train, y_train, n_cls,
-                                            progress=progress("test-train"))
+                                            progress=progress("test-train"),
+                                            should_stop=should_stop)
     t2 = time.monotonic()
     te_d, te_i = separation.other_label_from_class_nearest(te_cd, te_ci, y_test)
     classifier = {
@@ -145,7 +149,8 @@ def measure(ds, eps: float, n_closest: int, train_classifier: bool, progress) ->
     }
     if train_classifier:
         tt_cd, _ = separation.class_nearest(x_train, x_train, y_train, n_cls, exclude_self=True,
-                                            progress=progress("train leave-one-out"))
+                                            progress=progress("train leave-one-out"),
+                                            should_stop=should_stop)
         classifier["train_leave_one_out"] = separation.certified_accuracy(tt_cd, y_train, eps,
                                                                           levels)
     dims = x_train.shape[1]
@@ -196,7 +201,7 @@ def print_summary(result: dict, path: str) -> None:
 
 def main(argv):
     from jax_robust import data, recipes, separation
-    from jax_robust.errors import UserError
+    from jax_robust.errors import Interrupted, UserError
 
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -223,8 +228,14 @@ def main(argv):
         return None
 
     eps = FLAGS.eps if FLAGS.eps is not None else recipes.recipe(info.name).eps
-    result, (tt_d, tt_i), (te_d, te_i) = measure(ds, eps, FLAGS.n_closest,
-                                                 FLAGS.train_classifier, progress)
+    try:
+        result, (tt_d, tt_i), (te_d, te_i) = measure(ds, eps, FLAGS.n_closest,
+                                                     FLAGS.train_classifier, progress,
+                                                     cli.stop_requests())
+    except Interrupted as e:
+        if distributed.is_primary():
+            sys.stderr.write(f"{e}\n")
+        sys.exit(130)
     json_path = os.path.join(workdir, "separation.json")
     if not distributed.is_primary():
         return

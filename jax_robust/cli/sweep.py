@@ -212,6 +212,8 @@ def main(argv):
                                      log=lambda m: cli.say("  " + m))
 
         try:
+            if should_stop():  # a stop between two cells: the next one does not start
+                raise train.Interrupted("stopped before this cell started")
             run_cell()
         except train.Interrupted as e:
             if primary:
