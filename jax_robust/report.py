@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -73,9 +74,73 @@ class Cell:
         return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def load_runs(root: str) -> list[Run]:
-    """Every results.json under `root` (recursively), with the metrics.jsonl beside it;
-    UserError naming a file that is not a results file."""
+# What the tables and plots read: a results.json lacking one of these is not reported.
+NUMBERS = COLUMNS + ("adv_train_acc", "train_lipschitz", "train_seconds")
+CONFIG_KEYS = {"data.dataset": str, "model.arch": str, "model.dropout": float,
+               "attack.eps": float, "attack.steps": float, "attack.step_size": float,
+               "train.method": str, "train.hparams": dict, "train.variant": str,
+               "train.epochs": float}  # float: any number
+CURVE_KEYS = ("epoch", "train_loss", "train_acc", "test_subset_acc", "adv_test_subset_acc")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def results_problem(results) -> str | None:
+    """Why a parsed results.json cannot be reported (a missing or non-numeric key, an
+    unfinished run), or None."""
+    if not isinstance(results, dict):
+        return f"it holds a {type(results).__name__}, not a mapping"
+    config = results.get("config")
+    for name, kind in CONFIG_KEYS.items():
+        node = config
+        for k in name.split("."):
+            node = node.get(k, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError:
+            return f"it has no config.{name}"
+        if not (_is_number(node) if kind is float else isinstance(node, kind)):
+            return f"its config.{name} is not a {'number' if kind is float else kind.__name__}"
+    for k in NUMBERS:
+        if not _is_number(results.get(k)):
+            return f"it has no number {k}" if k not in results else f"its {k} is not a number"
+    if results.get("finished", True) is not True:
+        return (f"it is the evaluation of an unfinished run (step {results.get('steps')} of "
+                f"{results.get('total_steps')}); rerun the run to finish it")
+    return None
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def read_curve(path: str, warn: Callable[[str], None] = _stderr) -> list[dict]:
+    """The epoch lines of a metrics.jsonl; a line that is not JSON or lacks a key ends the
+    curve there, with one warning naming the file and the line."""
+    curve = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if not (isinstance(entry, dict) and all(_is_number(entry.get(k))
+                                                    for k in CURVE_KEYS)):
+                warn(f"warning: {path} line {number} is not a whole epoch line (torn or "
+                     f"foreign); its learning curve stops at epoch {len(curve)}")
+                break
+            curve.append(entry)
+    return curve
+
+
+def load_runs(root: str, warn: Callable[[str], None] = _stderr) -> list[Run]:
+    """Every results.json under `root` (recursively), with the metrics.jsonl beside it. A file
+    that cannot be reported (not JSON, a key missing, an unfinished run: `results_problem`)
+    is skipped with one warning line naming it, through `warn` (default: stderr)."""
     runs = []
     for directory, _, files in sorted(os.walk(root)):
         if "results.json" not in files:
@@ -84,13 +149,21 @@ def load_runs(root: str) -> list[Run]:
         try:
             with open(path) as f:
                 results = json.load(f)
-            results["config"]["train"]["method"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is not a results file of this project ({e})") from None
+            problem = results_problem(results)
+        except OSError as e:
+            problem = f"it cannot be read ({e.strerror})"
+        except ValueError:
+            problem = "it is not JSON"
+        if problem:
+            warn(f"warning: skipped {path}: {problem}")
+            continue
         curve = []
         if "metrics.jsonl" in files:
-            with open(os.path.join(directory, "metrics.jsonl")) as f:
-                curve = [json.loads(line) for line in f if line.strip()]
+            try:
+                curve = read_curve(os.path.join(directory, "metrics.jsonl"), warn)
+            except OSError as e:
+                warn(f"warning: {directory}/metrics.jsonl cannot be read ({e.strerror}); no "
+                     f"learning curve for it")
         runs.append(Run(path, results, curve))
     return runs
 

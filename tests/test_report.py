@@ -4,6 +4,8 @@ it, and refusal of mixed data sets or foreign files."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,15 +62,81 @@ def test_the_attack_table_uses_the_runs_that_have_the_attacks(tmp_path):
     assert "| AT | official | 1 | 10.00 | 9.00 | 8.00 | 7.00 | 6.00 | 3.00 |" in table
 
 
-def test_mixed_data_sets_and_foreign_files_are_refused(tmp_path):
+def test_mixed_data_sets_are_refused(tmp_path):
     write_run(tmp_path, "a", "at", {}, 0, 1.0)
     write_run(tmp_path, "b", "at", {}, 0, 1.0, dataset="digits")
     with pytest.raises(UserError, match="mix data sets"):
         report.cells_of(report.load_runs(str(tmp_path)))
-    os.makedirs(tmp_path / "c")
-    (tmp_path / "c" / "results.json").write_text('{"accuracy": 1}')
-    with pytest.raises(UserError, match="not a results file of this project"):
-        report.load_runs(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda d: (d / "results.json").write_text('{"accuracy": 1}'), "it has no config.data"),
+    (lambda d: (d / "results.json").write_text('{"test_acc": 1, "conf'), "it is not JSON"),
+    (lambda d: _edit(d, lambda r: r.pop("test_lipschitz_ascent")),
+     "it has no number test_lipschitz_ascent"),
+    (lambda d: _edit(d, lambda r: r.update(gap="high")), "its gap is not a number"),
+    (lambda d: _edit(d, lambda r: r["config"]["attack"].pop("eps")),
+     "it has no config.attack.eps"),
+    (lambda d: _edit(d, lambda r: r.update(steps=3, total_steps=10, finished=False)),
+     "unfinished run (step 3 of 10)"),
+])
+def test_a_results_file_it_cannot_report_is_skipped_with_one_warning(tmp_path, damage, needle):
+    write_run(tmp_path, "good", "at", {}, 0, 10.0)
+    write_run(tmp_path, "bad", "at", {}, 1, 90.0)
+    damage(tmp_path / "bad")
+    warnings = []
+    runs = report.load_runs(str(tmp_path), warn=warnings.append)
+    assert [r.path for r in runs] == [str(tmp_path / "good" / "results.json")]
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    assert warnings[0].startswith(f"warning: skipped {tmp_path / 'bad' / 'results.json'}: ")
+    assert "| AT | official | 1 | 10.00 |" in report.markdown_table(report.cells_of(runs))
+
+
+def _edit(directory, change):
+    path = directory / "results.json"
+    results = json.loads(path.read_text())
+    change(results)
+    path.write_text(json.dumps(results))
+
+
+def test_a_torn_metrics_line_ends_the_curve_with_one_warning(tmp_path):
+    write_run(tmp_path, "a", "at", {}, 0, 10.0)
+    path = tmp_path / "a" / "metrics.jsonl"
+    first = path.read_text()
+    path.write_text(first + first.replace('"epoch": 1', '"epoch": 2') + first[:40])
+    warnings = []
+    (run,) = report.load_runs(str(tmp_path), warn=warnings.append)
+    assert [e["epoch"] for e in run.curve] == [1, 2]
+    assert warnings == [f"warning: {path} line 3 is not a whole epoch line (torn or foreign); "
+                        f"its learning curve stops at epoch 2"]
+    written = report.write_report([run], str(tmp_path / "out"))
+    assert any(p.endswith("learning_curves.png") for p in written)
+
+
+def report_binary(*args, home):
+    env = dict(os.environ, HOME=str(home))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                           *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.slow
+def test_the_binary_skips_a_bad_file_with_one_line_and_expands_the_tilde(tmp_path):
+    os.makedirs(tmp_path / "rep")
+    write_run(tmp_path / "rep", "good", "at", {}, 0, 10.0)
+    write_run(tmp_path / "rep", "bad", "at", {}, 1, 90.0)
+    (tmp_path / "rep" / "bad" / "results.json").write_text("{torn")
+    proc = report_binary("--workdir=~/rep", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| AT | official | 1 | 10.00 |" in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == f"warning: skipped {tmp_path}/rep/bad/results.json: it is not JSON"
+    assert len(lines) == 2 and lines[1].startswith("wrote ") and "Traceback" not in proc.stderr
+    assert (tmp_path / "rep" / "table.md").exists()
+    (tmp_path / "rep" / "good" / "results.json").write_text("[]")
+    proc = report_binary("--workdir=~/rep", home=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == f"error: no results.json to report under " \
+        f"{tmp_path}/rep" and len(lines) == 3, proc.stderr
 
 
 @pytest.mark.parametrize("name", ["digits", "fashion_mnist"])

@@ -28,10 +28,13 @@ def main(argv):
 
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS.workdir or not os.path.isdir(FLAGS.workdir):
+    workdir = os.path.expanduser(FLAGS.workdir or "")
+    if not FLAGS.workdir or not os.path.isdir(workdir):
         raise UserError(f"--workdir {FLAGS.workdir} is not a directory")
     out = os.path.expanduser(FLAGS.out or FLAGS.workdir)
-    runs = report.load_runs(os.path.expanduser(FLAGS.workdir))
+    runs = report.load_runs(workdir)  # a file it cannot report: one warning line, skipped
+    if not runs:
+        raise UserError(f"no results.json to report under {workdir}")
     try:
         written = report.write_report(runs, out, FLAGS.title)
     except OSError as e:
