@@ -108,20 +108,22 @@ def _first_max_bwd(res, g):
 max_pool_2x2_first.defvjp(_first_max_fwd, _first_max_bwd)
 
 
+def _autodiff_pool(x: jax.Array) -> jax.Array:
+    return _windows(x).max(axis=(2, 4))
+
+
+# (ties, grad) -> the pool; the choices are config's (SpeedConfig.pool_grad, ModelConfig.
+# pool_ties), checked there once.
+_POOLS = {("split", "corners"): max_pool_2x2, ("split", "autodiff"): _autodiff_pool,
+          ("first", "corners"): max_pool_2x2_first, ("first", "autodiff"): max_pool_2x2_first}
+
+
 def pool_2x2(x: jax.Array, grad: str, ties: str = "split") -> jax.Array:
     """2x2/2 max-pool of x [n, h, w, c]. ties: where the gradient of a window with several
     maxima goes: 'split' evenly (JAX's rule) or to the 'first' in row-major order (PyTorch's).
     grad, for 'split': 'corners' (max_pool_2x2's custom VJP) or 'autodiff' (reshape-and-max,
     JAX's own gradient), the same values and gradients; 'first' has one form."""
-    if ties == "first":
-        return max_pool_2x2_first(x)
-    if ties != "split":
-        raise ValueError(f"unknown pool ties {ties!r}")
-    if grad == "corners":
-        return max_pool_2x2(x)
-    if grad == "autodiff":
-        return _windows(x).max(axis=(2, 4))
-    raise ValueError(f"unknown pool_grad {grad!r}")
+    return _POOLS[ties, grad](x)
 
 
 def _conv(x, w, pads):
@@ -285,13 +287,8 @@ def first_conv_fn(grad: str, kernels: str = "xla") -> Callable | None:
     """`nn.Conv`'s conv_general_dilated for a first conv: grad 'overlap_add' or 'xla' (the
     kernels' own input gradient); kernels 'xla' or 'onednn' (`onednn_conv`; with
     'overlap_add', `onednn_small_input_conv`)."""
-    if grad not in ("overlap_add", "xla"):
-        raise ValueError(f"unknown first_conv_grad {grad!r}")
-    if kernels not in ("onednn", "xla"):
-        raise ValueError(f"unknown conv_kernels {kernels!r}")
-    if kernels == "onednn":
-        return onednn_small_input_conv if grad == "overlap_add" else onednn_conv
-    return small_input_conv if grad == "overlap_add" else None
+    return {("onednn", "overlap_add"): onednn_small_input_conv, ("onednn", "xla"): onednn_conv,
+            ("xla", "overlap_add"): small_input_conv, ("xla", "xla"): None}[kernels, grad]
 
 
 # The first conv with oneDNN's forward and kernel gradient and the overlap-add input gradient.
@@ -340,13 +337,8 @@ def onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
 def later_conv_fn(grad: str, kernels: str = "xla") -> Callable | None:
     """`nn.Conv`'s conv_general_dilated for a conv after the first: kernels 'onednn'
     (`onednn_conv`, whatever grad says) or 'xla', and then grad 'column_taps' or 'xla'."""
-    if kernels not in ("onednn", "xla"):
-        raise ValueError(f"unknown conv_kernels {kernels!r}")
-    if grad not in ("column_taps", "xla"):
-        raise ValueError(f"unknown conv_input_grad {grad!r}")
-    if kernels == "onednn":
-        return onednn_conv
-    return column_taps_conv if grad == "column_taps" else None
+    return {("onednn", "column_taps"): onednn_conv, ("onednn", "xla"): onednn_conv,
+            ("xla", "column_taps"): column_taps_conv, ("xla", "xla"): None}[kernels, grad]
 
 
 # ----------------------------------------------------------------------------- channel sums
