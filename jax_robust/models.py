@@ -251,9 +251,10 @@ def check_input_size(arch: str, image_shape: tuple[int, int, int]) -> None:
     h, w = image_shape[:2]
     need = MIN_SIZE[arch]
     if min(h, w) < need:
+        fits = [a for a, n in MIN_SIZE.items() if n <= min(h, w)]
         raise UserError(
             f"arch {arch} needs images of at least {need}x{need}, the data are {h}x{w}; "
-            f"use --arch=cnn1 for 8x8 digits"
+            f"archs that take {h}x{w} images: {', '.join(fits)}"
         )
 
 

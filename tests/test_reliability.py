@@ -140,24 +140,71 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_rerun_is_uninterrupt
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["flip", "no_integrity", "garbage_integrity"])
+@pytest.mark.parametrize("damage", ["flip", "no_integrity", "garbage_integrity",
+                                    "empty_integrity", "integrity_lacks_a_file"])
 def test_a_copied_checkpoint_folder_carries_its_checks(tmp_path, uninterrupted, damage):
     import shutil
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
-    step_dir = tmp_path / "checkpoints" / str(_newest_step(tmp_path / "checkpoints"))
+    newest = _newest_step(tmp_path / "checkpoints")
+    step_dir = tmp_path / "checkpoints" / str(newest)
+    integrity = step_dir / "integrity.json"
     if damage == "flip":
         _flip_bytes_of_largest_file(step_dir / "state")
         needle = "does not match its checksum"
     elif damage == "no_integrity":
-        os.remove(step_dir / "integrity.json")
+        os.remove(integrity)
         needle = "has no integrity data"
-    else:
-        (step_dir / "integrity.json").write_text("{not json")
+    elif damage == "garbage_integrity":
+        integrity.write_text("{not json")
         needle = "integrity data are unreadable"
+    elif damage == "empty_integrity":  # integrity data listing nothing vouch for nothing
+        integrity.write_text('{"files": {}}')
+        _flip_bytes_of_largest_file(step_dir / "state")
+        needle = "integrity data list no files"
+    else:  # the damaged file dropped from the list
+        flipped = os.path.relpath(_flip_bytes_of_largest_file(step_dir / "state"), step_dir)
+        files = json.loads(integrity.read_text())["files"]
+        del files[flipped]
+        integrity.write_text(json.dumps({"files": files}))
+        needle = f"file {flipped} is not in its integrity data"
     proc = run(tmp_path, "--eval_only")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert needle in proc.stdout and "trying an older one" in proc.stdout, proc.stdout
+    if damage in ("empty_integrity", "integrity_lacks_a_file"):
+        assert f"moved to {tmp_path}/checkpoints_corrupt/{newest}" in proc.stdout, proc.stdout
+        assert f"resumed from checkpoint {newest - 1} " in proc.stdout, proc.stdout
+
+
+def _tree(directory):
+    return {os.path.relpath(os.path.join(d, f), directory):
+            (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, fs in os.walk(directory) for f in fs}
+
+
+@pytest.mark.slow
+def test_another_arch_in_a_runs_workdir_is_refused_and_the_right_rerun_resumes(
+        tmp_path, uninterrupted):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    os.remove(tmp_path / "results.json")
+    ckdir = tmp_path / "checkpoints"
+    newest = _newest_step(ckdir)
+    shutil.rmtree(ckdir / str(newest))  # the rerun has a step left to train
+    before = _tree(ckdir)
+    proc = run(tmp_path, "--arch=linear")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (
+        proc.stderr[-2000:])
+    assert "holds a run with other settings: model.arch 'cnn1' (now 'linear')" in lines[0]
+    assert _tree(ckdir) == before and not (tmp_path / "checkpoints_corrupt").exists()
+    assert not (tmp_path / "results.json").exists()
+    again = run(tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from checkpoint {newest - 1} " in again.stdout, again.stdout
+    assert "epoch 1/3" not in again.stdout  # not trained from the start
+    assert results_without_times(tmp_path) == results_without_times(uninterrupted)
 
 
 def _truncate_largest_file(directory):
@@ -213,6 +260,46 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     after = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert good[-1] <= kept < bad and after[-1] == kept, (line, after)  # nothing bad saved
     assert "Traceback" not in blown.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path):
+    blown = run(tmp_path, "--epochs=1", "--lr=1e30")
+    lines = blown.stderr.strip().splitlines()
+    assert blown.returncode == 2 and len(lines) == 1 and "Traceback" not in blown.stderr
+    assert "non-finite at step" in lines[0] and "no checkpoint was saved before it" in lines[0]
+    assert "None" not in lines[0], lines[0]
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_extra_attack_stops_it_and_a_rerun_evaluates(tmp_path):
+    # 360 test points in batches of 40: 9 batches per attack pass, progress every 2.
+    args = [*TINY, "--epochs=1", "--max_test=360", "--noattack_unroll",
+            "--eval_attacks=pgd,apgd"]
+    proc = subprocess.Popen([sys.executable, RUN, *args, f"--workdir={tmp_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=ROOT)
+    for line in proc.stdout:
+        if "apgd (100 steps): 2/9" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    waited = time.monotonic() - sent
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, (proc.returncode, err[-2000:])
+    assert lines[0].startswith("stopped during the apgd attack of the robustness evaluation "
+                               "(batch "), lines
+    assert "360 examples" not in out and waited < 30, (waited, out)
+    assert not os.path.exists(tmp_path / "results.json")
+    again = run(tmp_path, *args[len(TINY):])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from checkpoint 5 " in again.stdout
+    r = results_without_times(tmp_path)
+    assert r["finished"] and r["examples"]["test"] == 360
+    assert 0 <= r["adv_test_acc_worst"] <= min(r["adv_test_acc_apgd"], r["adv_test_acc_pgd"],
+                                               r["test_acc"])
 
 
 # ----------------------------------------------------------------------------- fuzzing
