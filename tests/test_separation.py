@@ -367,3 +367,31 @@ def test_binary_bad_input_exits_2_with_one_line(tmp_path, flag):
     out = run_binary(flag, f"--workdir={tmp_path}")
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_scan_stops_it_in_one_line_and_a_rerun_completes(tmp_path):
+    import signal
+    import time
+
+    if not data.has_idx_files(FASHION_DIR):
+        pytest.skip(f"Fashion-MNIST IDX files not in {FASHION_DIR}")
+    args = [sys.executable, "-m", "jax_robust.cli.separation", "--dataset=fashion_mnist",
+            "--max_points=12000", f"--workdir={tmp_path}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the first progress line comes after the first of 20 calls
+        if "train-train: tiles" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    waited = time.monotonic() - sent
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(
+        "stopped during the distance scan (call "), err
+    assert waited < 20 and not os.listdir(tmp_path), (waited, os.listdir(tmp_path))
+    again = subprocess.run(args + ["--noprogress"], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    result = json.load(open(tmp_path / "separation.json"))
+    assert result["n_train"] == 12000 and result["train_train"]["min"] > 0
