@@ -50,6 +50,10 @@ class DataConfig:
                                    identity=None)
     max_train: int | None = setting(None, "use only the first N training points")
     max_test: int | None = setting(None, "use only the first N test points")
+    holdout: int = setting(0, "training points held out (the last N of the training set) "
+                           "to pick the best checkpoint by PGD accuracy each epoch, kept "
+                           "beside the latest; results.json reports both (0: off, the "
+                           "paper's recipe)")
     augment: str | None = setting(None, "training augmentation on the device: none, crop_flip "
                                   "(CIFAR-10's official) or crop (Restricted ImageNet's); "
                                   "default: the data set's", choices=AUGMENTATIONS)
@@ -344,6 +348,8 @@ def validate(cfg: RunConfig) -> None:
         _at_least_one(name, value)
     if t.momentum is not None and not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
         raise UserError(f"momentum must be in [0, 1), got {t.momentum}")
+    if cfg.data.holdout < 0:
+        raise UserError(f"holdout must be non-negative, got {cfg.data.holdout}")
     if e.train_curve_size < 0:
         raise UserError(f"train_curve_size must be non-negative, got {e.train_curve_size}")
     if t.seed < 0:

@@ -375,6 +375,21 @@ def take(x, indices: np.ndarray):
     return x.take(indices) if isinstance(x, RecordImages) else x[indices]
 
 
+def split_holdout(ds: Dataset, n: int) -> tuple[Dataset, tuple]:
+    """(ds without the last `n` training points, (x_holdout, y_holdout) of those points); a
+    DataError when that leaves no training point."""
+    if n <= 0:
+        return ds, (None, None)
+    keep = len(ds.y_train) - n
+    if keep < 1:
+        raise DataError(f"--holdout={n} leaves no training point (the training set has "
+                        f"{len(ds.y_train)})")
+    held = np.arange(keep, len(ds.y_train))
+    rest = dataclasses.replace(ds, x_train=take(ds.x_train, np.arange(keep)),
+                               y_train=ds.y_train[:keep])
+    return rest, (take(ds.x_train, held), ds.y_train[held])
+
+
 SOURCES: dict[str, Callable[[str | None], Dataset]] = {
     "digits": load_digits,
     "mnist": load_mnist,

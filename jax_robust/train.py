@@ -152,6 +152,17 @@ class _Loop:
     metrics_path: str
     log: Callable[[str], None]
     should_stop: Callable[[], bool]
+    best_manager: Any = None  # checkpoints_best/ (--holdout): the best epoch's state
+
+
+def best_holdout(manager) -> float:
+    """The held-out PGD accuracy of the best checkpoint in `manager` (-inf: none yet)."""
+    if manager is None:
+        return -math.inf
+    try:
+        return float(ckpt.newest_meta(manager)["adv_holdout_acc"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return -math.inf
 
 
 def _epoch_lines(path: str, keep_through_epoch: int) -> list[str]:
@@ -211,6 +222,17 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
                            if k != "first_bad"},
             "train_seconds": seconds_so_far()})
 
+    best = {"adv_holdout_acc": best_holdout(loop.best_manager)}
+
+    def save_if_best(state, epoch, holdout):
+        """Saves `state` as the best checkpoint when its PGD accuracy on the held-out points
+        beats every earlier epoch's (ties keep the earlier)."""
+        if holdout["adv_holdout_acc"] > best["adv_holdout_acc"]:
+            best["adv_holdout_acc"] = holdout["adv_holdout_acc"]
+            ckpt.save(loop.best_manager, int(state.step), state, {
+                "epoch": epoch, "step": int(state.step), "config": cfg.to_dict(),
+                "data_info": dataclasses.asdict(loop.dataset.info), **holdout})
+
     def append_epoch_line(state, epoch, sums):
         nonlocal curve_seconds
         t0 = time.time()
@@ -221,7 +243,9 @@ def _train_loop(loop: _Loop, state: TrainState, prior_seconds: float, done_epoch
                  "train_acc": 100 * float(sums["correct"] / max(sums["count"], 1)),
                  "test_subset_acc": curve["acc"], "adv_test_subset_acc": curve["adv_acc"],
                  "test_subset_size": curve["count"], **curve.get("train", {}),
-                 "seconds": seconds_so_far()}
+                 **curve.get("holdout", {}), "seconds": seconds_so_far()}
+        if "holdout" in curve:
+            save_if_best(state, epoch, curve["holdout"])
         lines.append(json.dumps(entry))
         if primary:
             write_text_atomic(loop.metrics_path, "".join(line + "\n" for line in lines))
@@ -300,6 +324,7 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
     if dataset is None:
         dataset = datalib.load_dataset(cfg.data.dataset, cfg.data.data_dir,
                                        cfg.data.max_train, cfg.data.max_test)
+    dataset, (x_holdout, y_holdout) = datalib.split_holdout(dataset, cfg.data.holdout)
     info = dataset.info
     module = build_model(cfg, info)
     model_fn = models.make_model_fn(module)
@@ -314,6 +339,8 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
     state, abstract = initial_state(module, init_key, info.image_shape, optimizer, mesh)
     manager = ckpt.open_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     check_same_run(manager, cfg, workdir, eval_only=eval_only)
+    best_manager = (ckpt.open_manager(os.path.join(workdir, "checkpoints_best"), 1)
+                    if cfg.data.holdout else None)
     restored = ckpt.restore_latest(manager, abstract, warn=log)
     meta = {}
     if restored is not None:
@@ -358,6 +385,11 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                            datalib.take(dataset.x_test, np.arange(n_curve)),
                            dataset.y_test[:n_curve], jax.random.fold_in(eval_key, 2),
                            log=lambda _: None, batch_size=e.batch_size, mesh=mesh)
+            if x_holdout is not None:  # the best checkpoint's criterion (--holdout)
+                r = evaluate(curve_step, s.params, s.model_state, x_holdout, y_holdout,
+                             jax.random.fold_in(eval_key, 5), log=lambda _: None,
+                             batch_size=e.batch_size, mesh=mesh)
+                out["holdout"] = {"holdout_acc": r["acc"], "adv_holdout_acc": r["adv_acc"]}
             if len(train_curve):  # eval mode on a fixed training subset: where gaps open
                 r = evaluate(curve_step, s.params, s.model_state,
                              datalib.take(dataset.x_train, train_curve),
@@ -368,52 +400,67 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
             return out
 
         loop = _Loop(cfg, dataset, mesh, step_fn, curve, manager, train_key, steps_per_epoch,
-                     total_steps, os.path.join(workdir, "metrics.jsonl"), log, should_stop)
+                     total_steps, os.path.join(workdir, "metrics.jsonl"), log, should_stop,
+                     best_manager)
         mid_epoch = int(state.step) % steps_per_epoch != 0
         state, train_seconds = _train_loop(loop, state, train_seconds,
                                            int(meta.get("epoch", 0)),
                                            meta.get("epoch_sums") if mid_epoch else None)
 
+    test_step, train_step = eval_step(ascent=True), eval_step()  # compiled once each
+
+    def evaluate_state(state) -> tuple[dict, dict]:
+        """(the paper's row and the extra attacks' keys, example counts) of `state`."""
+        test = evaluate(test_step, state.params, state.model_state,
+                        dataset.x_test, dataset.y_test, jax.random.fold_in(eval_key, 0),
+                        name="test", **ev)
+        subset = eval_subset(n_train, e.train_eval_size)
+        train = evaluate(train_step, state.params, state.model_state,
+                         datalib.take(dataset.x_train, subset), dataset.y_train[subset],
+                         jax.random.fold_in(eval_key, 1), name="train", **ev)
+        row = {"train_acc": train["acc"], "test_acc": test["acc"],
+               "adv_train_acc": train["adv_acc"], "adv_test_acc": test["adv_acc"],
+               "train_lipschitz": train["lipschitz"], "test_lipschitz": test["lipschitz"],
+               "test_lipschitz_ascent": test["lipschitz_ascent"],
+               "gap": train["acc"] - test["acc"], "adv_gap": train["adv_acc"] - test["adv_acc"]}
+        if cfg.eval.attacks != ("pgd",):
+            variables = {"params": state.params, "model_state": state.model_state}
+            n_attack = min(e.attack_size or len(dataset.x_test), len(dataset.x_test))
+            robust = evaluate_robustness(
+                inference_apply(model_fn), variables, datalib.take(dataset.x_test,
+                                                                   np.arange(n_attack)),
+                dataset.y_test[:n_attack], hp.eps, attacks=e.attacks,
+                key=jax.random.fold_in(eval_key, 3), batch_size=e.batch_size,
+                restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll,
+                should_stop=should_stop)
+            row.update({f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in e.attacks})
+            row.update(attack_examples=n_attack, adv_test_acc_worst=robust["acc_worst"],
+                       zero_grad_fraction=robust["zero_grad_fraction"],
+                       adv_test_acc_pgd_eps_x2=robust["acc_pgd_eps_x2"],
+                       adv_test_acc_pgd_steps_x5=robust["acc_pgd_steps_x5"],
+                       masking_warnings=robust["masking_warnings"])
+            for warning in robust["masking_warnings"]:
+                log(f"warning: {warning}")
+        return row, {"train": train["count"], "test": test["count"]}
+
     start = time.time()
-    test = evaluate(eval_step(ascent=True), state.params, state.model_state, dataset.x_test,
-                    dataset.y_test, jax.random.fold_in(eval_key, 0), name="test", **ev)
-    subset = eval_subset(n_train, e.train_eval_size)
-    train = evaluate(eval_step(), state.params, state.model_state,
-                     datalib.take(dataset.x_train, subset), dataset.y_train[subset],
-                     jax.random.fold_in(eval_key, 1), name="train", **ev)
-    if cfg.eval.attacks != ("pgd",):
-        variables = {"params": state.params, "model_state": state.model_state}
-        n_attack = min(e.attack_size or len(dataset.x_test), len(dataset.x_test))
-        robust = evaluate_robustness(
-            inference_apply(model_fn), variables, datalib.take(dataset.x_test,
-                                                               np.arange(n_attack)),
-            dataset.y_test[:n_attack], hp.eps, attacks=e.attacks,
-            key=jax.random.fold_in(eval_key, 3), batch_size=e.batch_size,
-            restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll,
-            should_stop=should_stop)
-        extra = {f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in e.attacks}
-        extra["attack_examples"] = n_attack
-        extra.update(adv_test_acc_worst=robust["acc_worst"],
-                     zero_grad_fraction=robust["zero_grad_fraction"],
-                     adv_test_acc_pgd_eps_x2=robust["acc_pgd_eps_x2"],
-                     adv_test_acc_pgd_steps_x5=robust["acc_pgd_steps_x5"],
-                     masking_warnings=robust["masking_warnings"])
-        for warning in robust["masking_warnings"]:
-            log(f"warning: {warning}")
-    else:
-        extra = {}
+    row, examples = evaluate_state(state)
+    extra = {}
+    if best_manager is not None:  # --holdout: the best epoch's checkpoint, evaluated alike
+        restored = ckpt.restore_latest(best_manager, abstract, warn=log)
+        if restored is not None:
+            best_state, best_meta, _ = restored
+            log(f"the best checkpoint (epoch {best_meta.get('epoch')}, held-out PGD accuracy "
+                f"{best_meta.get('adv_holdout_acc'):.2f}%):")
+            best_row, _ = evaluate_state(best_state)
+            extra["best"] = {"selected_by": "adv_holdout_acc", "step": int(best_state.step),
+                             **{k: best_meta.get(k) for k in ("epoch", "holdout_acc",
+                                                              "adv_holdout_acc")}, **best_row}
+        extra["holdout_examples"] = len(y_holdout)
     results = {
-        "train_acc": train["acc"],
-        "test_acc": test["acc"],
-        "adv_train_acc": train["adv_acc"],
-        "adv_test_acc": test["adv_acc"],
-        "train_lipschitz": train["lipschitz"],
-        "test_lipschitz": test["lipschitz"],
-        "test_lipschitz_ascent": test["lipschitz_ascent"],
-        "gap": train["acc"] - test["acc"],
-        "adv_gap": train["adv_acc"] - test["adv_acc"],
+        **row,  # the last step's model (with --holdout, "best" holds the best epoch's)
         **extra,
-        "examples": {"train": train["count"], "test": test["count"]},
+        "examples": examples,
         "steps": int(state.step),
         "total_steps": total_steps,
         "finished": int(state.step) == total_steps,

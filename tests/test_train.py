@@ -231,3 +231,36 @@ def test_without_onednn_a_cpu_run_says_so_and_runs_xlas_convolutions(tmp_path, m
     asked = dataclasses.replace(natural, speed=cfglib.SpeedConfig(conv_kernels="onednn"))
     with pytest.raises(train.UserError, match=r"unavailable here: no g\+\+ here"):
         train.train_and_evaluate(asked, str(tmp_path / "b"), log=messages.append, mesh=one)
+
+
+@pytest.mark.slow
+def test_holdout_keeps_the_best_epoch_beside_the_latest_and_reports_both(tmp_path):
+    cfg = dataclasses.replace(
+        SMALL, data=dataclasses.replace(SMALL.data, holdout=48),
+        train=dataclasses.replace(SMALL.train, method="at", epochs=4, milestones=(3,),
+                                  lr=0.05))
+    r = train.train_and_evaluate(cfg, str(tmp_path), log=lambda _: None)
+    lines = _epochs(tmp_path / "metrics.jsonl")
+    held = [e["adv_holdout_acc"] for e in lines]
+    best_epoch = held.index(max(held)) + 1  # the first epoch with the highest PGD accuracy
+    assert r["best"]["epoch"] == best_epoch and r["best"]["adv_holdout_acc"] == max(held)
+    assert r["holdout_examples"] == 48
+    # 160 - 48 = 112 training points: 4 steps of 32 per epoch; the latest is the last step.
+    assert r["steps"] == r["total_steps"] == 16 and r["examples"]["train"] == 112
+    assert r["best"]["step"] == 4 * best_epoch
+    ckpt_steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpt_steps[-1] == 16  # the latest is not evicted by the best
+    assert [int(p.name) for p in (tmp_path / "checkpoints_best").iterdir()] == [4 * best_epoch]
+    # The best row is that checkpoint's own evaluation: its clean test accuracy recomputed
+    # from the checkpoint alone (loaded as a run of its own).
+    import shutil
+
+    from jax_robust import data as datalib
+
+    shutil.copytree(tmp_path / "checkpoints_best", tmp_path / "best_run" / "checkpoints")
+    loaded = train.load_run(str(tmp_path / "best_run"), log=lambda _: None)
+    assert loaded.step == 4 * best_epoch
+    ds = datalib.load_dataset("digits", max_test=60)
+    logits = loaded.apply_fn(loaded.variables, ds.x_test)
+    acc = 100 * float(np.mean(np.argmax(np.asarray(logits), -1) == ds.y_test))
+    assert acc == pytest.approx(r["best"]["test_acc"], abs=1e-4)

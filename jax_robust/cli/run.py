@@ -77,6 +77,11 @@ def print_row(r: dict, workdir: str) -> None:
     print("|---" * (len(ROW) + 3) + "|")
     print(f"| {t['method']} | {t['variant']} | " + " | ".join(f"{r[k]:.2f}" for k in ROW)
           + f" | {r['test_lipschitz_ascent']:.2f} |")
+    if "best" in r:  # --holdout: the best epoch's model beside the last one
+        b = r["best"]
+        print(f"| {t['method']} (best: epoch {b['epoch']}, held-out PGD "
+              f"{b['adv_holdout_acc']:.2f}) | {t['variant']} | "
+              + " | ".join(f"{b[k]:.2f}" for k in ROW) + f" | {b['test_lipschitz_ascent']:.2f} |")
     attacks = [k for k in r if k.startswith("adv_test_acc_") and "_x" not in k]
     if attacks:
         print("adv test acc by attack: " + ", ".join(
