@@ -490,6 +490,45 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
     return True
 
 
+def plot_gap_curves(cells: list[Cell], path: str, title: str) -> bool:
+    """Per epoch, in eval mode on fixed subsets (--train_curve_size, --curve_size): clean and
+    PGD accuracy on train and test, and the clean and PGD gaps (train - test), mean over
+    seeds, one line per cell: where each method's gap opens. False without those curves."""
+    with_curves = [c for c in cells if all(r.curve and "train_subset_acc" in r.curve[0]
+                                           for r in c.runs)]
+    if not with_curves:
+        return False
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    panels = (("train_subset_acc", None, "train acc, subset (%)"),
+              ("test_subset_acc", None, "test acc, subset (%)"),
+              ("train_subset_acc", "test_subset_acc", "clean gap, train - test (points)"),
+              ("adv_train_subset_acc", None, "PGD train acc, subset (%)"),
+              ("adv_test_subset_acc", None, "PGD test acc, subset (%)"),
+              ("adv_train_subset_acc", "adv_test_subset_acc", "PGD gap, train - test (points)"))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (key, minus, name) in zip(axes.flat, panels):
+        for cell in with_curves:
+            n = min(len(r.curve) for r in cell.runs)
+            epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
+            per_run = [[e[key] - (e[minus] if minus else 0.0) for e in r.curve[:n]]
+                       for r in cell.runs]
+            ax.plot(epochs, np.mean(per_run, axis=0), color=_color(cell.method), lw=1,
+                    ls=("-" if cell.variant == "official" else "--") if cell.official_dropout
+                    else ":", label=f"{cell.label} {cell.variant}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes.flat[2].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Where the gaps open (eval mode, mean over seeds; dashed: paper variant, "
+                 f"dotted: another dropout): {title}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 def write_report(runs: list[Run], outdir: str, title: str = "") -> list[str]:
     """Writes table.md, table.csv and the plots to `outdir`; returns the paths written."""
     if not runs:
@@ -506,7 +545,8 @@ def write_report(runs: list[Run], outdir: str, title: str = "") -> list[str]:
     plot_lipschitz_vs_robustness(cells, paths[2], title)
     plot_gaps(cells, paths[3], title)
     for name, plot in (("dropout.png", plot_dropout),
-                       ("learning_curves.png", plot_learning_curves)):
+                       ("learning_curves.png", plot_learning_curves),
+                       ("gap_curves.png", plot_gap_curves)):
         if plot(cells, os.path.join(outdir, name), title):
             paths.append(os.path.join(outdir, name))
     return paths
