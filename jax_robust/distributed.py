@@ -139,17 +139,19 @@ def exit_peer_lost(message: str) -> None:
         os._exit(PEER_LOST_EXIT_CODE)
 
 
-def silent_peers(wait: float = 3.0) -> list[int]:
-    """The peers whose watchdog counter did not change during the next `wait` seconds (a live
-    peer's changes every second): after a failed collective, the ones that are gone."""
-    start = time.monotonic()
+def silent_peers(wait: float = 4.5, quiet: float = 2.5) -> list[int]:
+    """After waiting `wait` seconds, the peers whose watchdog counter has not changed for
+    `quiet` seconds: after a failed collective, the ones that are gone. (A live peer's counter
+    is seen to change every 1-2 s; a dead one's may be seen to change once more, up to a
+    second after its death, as the watchdog reads its last beat.)"""
     time.sleep(wait)
-    return sorted(p for p, t in dict(_changed).items() if t <= start)
+    now = time.monotonic()
+    return sorted(p for p, t in dict(_changed).items() if now - t >= quiet)
 
 
 def report_lost_peer(gist: str) -> None:
     """Ends this process like the watchdog after a collective failed because of a lost peer
-    (`gist`: `lost_peer`'s), naming the peer when its heartbeat stopped too (about 3 s)."""
+    (`gist`: `lost_peer`'s), naming the peer when its heartbeat stopped too (4.5 s)."""
     import jax
 
     me, n = jax.process_index(), jax.process_count()

@@ -81,7 +81,7 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
     """Waits for every process; after the first failure the rest get `grace` seconds, then
     SIGTERM, then SIGKILL. Returns 0 or the first failure's exit code."""
     failure, deadline = 0, None
-    while any(p.poll() is None for p in procs):
+    while any([p.poll() is None for p in procs]):  # a list: poll every process each time
         for i, p in enumerate(procs):
             if p.returncode not in (None, 0) and not failure:
                 failure, deadline = p.returncode, time.monotonic() + grace
