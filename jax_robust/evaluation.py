@@ -74,8 +74,8 @@ def evaluate(eval_step: Callable, params, model_state, x: np.ndarray, y: np.ndar
              should_stop: Callable[[], bool] | None = None) -> dict:
     """Accuracy and PGD accuracy (percent), mean lipschitz ratios and `count` over ALL of
     (x [N, H, W, C], y [N]), each point once; batch b uses key fold_in(key, b).
-    `should_stop` is polled between batches: when true, `errors.Interrupted` is raised (at
-    most two batches are then in flight)."""
+    `should_stop` is polled between batches: when true, `errors.Interrupted` is raised (with
+    it, one batch is in flight at a time, so a stop waits for at most one)."""
     n = len(x)
     check_batch_size(batch_size, mesh.size, "eval batch size")
     batch_of = eval_batches(n, batch_size, mesh)
@@ -89,11 +89,11 @@ def evaluate(eval_step: Callable, params, model_state, x: np.ndarray, y: np.ndar
         idx, mask = batch_of(b)
         batch = shard_batch(mesh, {"x": x[idx], "y": y[idx], "mask": mask})
         sums = eval_step(params, model_state, batch, jax.random.fold_in(key, b))
-        if should_stop is not None and totals:
-            # At most two batches in flight: a stop waits for them, not for every batch the
-            # host dispatched ahead (SIGTERM latency, docs/faults.md).
-            jax.block_until_ready(totals)
         totals = sums if not totals else jax.tree_util.tree_map(jnp.add, totals, sums)
+        if should_stop is not None:
+            # One batch in flight: a stop waits for it, not for every batch the host would
+            # dispatch ahead (SIGTERM latency, docs/faults.md); host work per batch is small.
+            jax.block_until_ready(totals)
         if n_batches > 8 and (b + 1) % math.ceil(n_batches / 4) == 0:
             rate = (b + 1) * batch_size / (time.time() - start)
             log(f"  eval {name} {b + 1}/{n_batches} batches, {rate:.0f} img/s, "

@@ -137,7 +137,7 @@ def _run_batches(fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
     """Applies fn(x_b, y_b, b) -> pytree of [B] arrays to every batch; returns the pytree of
     [N] NumPy arrays, each example once (the last batch is padded by repeating its own rows,
     and the padding is cut off). `should_stop` is polled before each batch (Interrupted when
-    true); at most two batches are in flight, so a stop waits for at most about two."""
+    true); with it one batch is in flight at a time, so a stop waits for at most one."""
     n = len(x)
     n_batches = math.ceil(n / batch_size)
     every = math.ceil(n_batches / 8)
@@ -150,8 +150,8 @@ def _run_batches(fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
         idx, mask = padded_batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)),
                                  batch_size)
         outs.append((fn(put(x[idx]), put(y[idx]), b), int(mask.sum())))
-        if should_stop is not None and len(outs) > 1:
-            jax.block_until_ready(outs[-2][0])
+        if should_stop is not None:  # one batch in flight: a stop waits for it alone
+            jax.block_until_ready(outs[-1][0])
         if log is not None and n_batches > 8:
             if b == 0:  # the compile: rates count from the end of the first batch
                 jax.block_until_ready(outs[-1][0])
@@ -202,8 +202,8 @@ def evaluate_robustness(apply_fn: Callable, variables: Any, x, y, eps: float, *,
       unroll: unroll the attacks' step loops (faster programs on XLA:CPU, much longer
         compiles; False for small models and tests).
       should_stop: a poll (e.g. true after SIGTERM), called before every batch of every
-        attack; when true, `errors.Interrupted` is raised and nothing is returned. At most
-        two batches are then in flight, so the stop comes within about two batches' time.
+        attack; when true, `errors.Interrupted` is raised and nothing is returned. One batch
+        is then in flight at a time, so the stop comes within about one batch's time.
         Over several processes it must turn true on all of them at the same poll
         (cli.common.stop_requests does).
 
