@@ -19,7 +19,8 @@ Two arithmetic paths, chosen by the input dtype:
          64 lanes per AVX-512 register. Distances come back as int32 grey levels; divide by the
          data set's `levels` (255 for 8-bit images) for pixel units.
   float  float32 |a - b| then max, the operations NumPy does, so results equal NumPy's bit for
-         bit. Distances come back as float32 pixel units. Slower than uint8 (BUILD_NOTES.md).
+         bit. Distances come back as float32 pixel units. Slower than uint8 (docs/performance.md,
+         section 4: 152 s against 23 s).
 Ties: among points at the same distance the smallest index wins (np.argmin's rule).
 
 How (memory O(block^2 + N), never N x N x D): points are sorted by class and each class padded
@@ -37,7 +38,7 @@ progress (`stderr_progress`). Block sizes (`Tiling`) change speed, never results
 processes (jax_robust.distributed) the default mesh spans every process's devices; each
 process passes the same inputs and gets the whole result.
 
-Speed: BUILD_NOTES.md ("Separation") has the measured figures and commands. On CPU the query
+Speed: docs/performance.md (section 4) has the measured figures and commands. On CPU the query
 axis is spread over one XLA device per core (experiments/separation.py sets
 --xla_force_host_platform_device_count=<cores>), which was faster than one device with XLA's
 intra-op threads.
@@ -47,7 +48,7 @@ fused into a max-reduction over a non-minor axis (`max(max(a, b) - min(a, b), ax
 most entries wrong; correct with --xla_cpu_experimental_ynn_fusion_type=). The tile uses only
 elementwise ops inside its loop, which is correct under any XLA_FLAGS and the fastest form
 measured; tests check both paths against NumPy. A `dim_chunk` below 16 makes XLA:CPU emit much
-slower code (BUILD_NOTES.md; cause not found).
+slower code (docs/history.md; cause not found).
 """
 
 from __future__ import annotations
