@@ -30,7 +30,9 @@ ARCHS = ("cnn1", "cnn2", "wrn", "resnet50", "linear")
 AUGMENTATIONS = ("none", "crop_flip", "crop")
 DTYPES = ("float32", "bfloat16")
 POOL_TIES = ("split", "first")
-EVAL_ATTACKS = ("pgd", "multitarget", "apgd")  # robustness.ATTACKS
+# robustness.ATTACKS, then AutoAttack's versions (jax_robust.autoattack).
+AUTOATTACK_VERSIONS = {"autoattack": "standard", "autoattack_rand": "rand"}
+EVAL_ATTACKS = ("pgd", "multitarget", "apgd", *AUTOATTACK_VERSIONS)
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -134,7 +136,9 @@ class EvalConfig:
     # add keys to results.json (`run.py --eval_only --eval_attacks=...`): not the identity.
     attacks: tuple[str, ...] = setting(("pgd",), "attacks of the final test evaluation: pgd "
                                        "(the paper's PGD-10), multitarget (the official "
-                                       "appendix attack), apgd (APGD-CE); results.json gets "
+                                       "appendix attack), apgd (APGD-CE), autoattack "
+                                       "(AutoAttack's standard version), autoattack_rand "
+                                       "(its rand version); results.json gets "
                                        "adv_test_acc_<attack> and the per-example worst case",
                                        flag="eval_attacks", identity=None,
                                        choices=EVAL_ATTACKS)

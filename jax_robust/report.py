@@ -238,7 +238,7 @@ def markdown_table(cells: list[Cell]) -> str:
         lines.append(f"| {cell.label} | {cell.variant} | {n} | {values} |")
     shown = [cell for cell in cells if cell.tag in paper and cell.official_dropout]
     if shown:
-        lines += ["", "The paper (PAPER.md, one seed, official code):", "",
+        lines += ["", "The paper (docs/paper.md section 9, one seed, official code):", "",
                   "| method | " + " | ".join(HEADERS[:6]) + " |",
                   "|---|" + "---:|" * 6]
         for tag in dict.fromkeys(cell.tag for cell in shown):
@@ -253,22 +253,33 @@ def markdown_table(cells: list[Cell]) -> str:
 
 ATTACK_NAMES = {"pgd": "PGD-10", "multitarget": "multitarget", "apgd": "APGD-CE",
                 "worst": "worst case"}
+# Columns shown where some run of the table has them (AutoAttack runs on request).
+OPTIONAL_ATTACKS = {"autoattack": "AutoAttack", "autoattack_rand": "AutoAttack (rand)"}
 
 
 def attack_table(cells: list[Cell]) -> str:
     """Adv test acc under each attack of `--eval_attacks` and the per-example worst case, over
-    the runs of each cell that have them ('' if no run has)."""
+    the runs of each cell that have them ('' if no run has); AutoAttack's columns where a run
+    has them ('-' in the cells without)."""
     keys = [f"adv_test_acc_{a}" for a in ATTACK_NAMES]
-    lines = ["| method | variant | seeds | adv test (paper's PGD) | "
-             + " | ".join(ATTACK_NAMES.values()) + " | PGD-10 - worst |",
-             "|---|---|---:|" + "---:|" * (len(keys) + 2)]
+    optional = {a: name for a, name in OPTIONAL_ATTACKS.items()
+                if any(f"adv_test_acc_{a}" in r.results for c in cells for r in c.runs)}
+    names = [*list(ATTACK_NAMES.values())[:-1], *optional.values(), ATTACK_NAMES["worst"]]
+    lines = ["| method | variant | seeds | adv test (paper's PGD) | " + " | ".join(names)
+             + " | PGD-10 - worst |",
+             "|---|---|---:|" + "---:|" * (len(names) + 2)]
     for c in cells:
         runs = [r for r in c.runs if all(k in r.results for k in keys)]
         if not runs:
             continue
         sub = dataclasses.replace(c, runs=runs)
         n = len(runs)
-        values = [_fmt(*sub.mean_std(k), n) for k in ["adv_test_acc", *keys]]
+        values = [_fmt(*sub.mean_std(k), n) for k in ["adv_test_acc", *keys[:-1]]]
+        for a in optional:
+            with_it = [r for r in runs if f"adv_test_acc_{a}" in r.results]
+            values.append(_fmt(*dataclasses.replace(c, runs=with_it).mean_std(
+                f"adv_test_acc_{a}"), len(with_it)) if with_it else "-")
+        values.append(_fmt(*sub.mean_std(keys[-1]), n))
         drop = sub.values("adv_test_acc_pgd") - sub.values("adv_test_acc_worst")
         spread = float(drop.std(ddof=1)) if n > 1 else 0.0
         lines.append(f"| {c.label} | {c.variant} | {n} | " + " | ".join(values)

@@ -43,7 +43,7 @@ from jax_robust.distributed import to_host
 from jax_robust.errors import Interrupted
 from jax_robust.pipeline import padded_batch
 
-ATTACKS = EVAL_ATTACKS
+ATTACKS = EVAL_ATTACKS[:3]  # pgd, multitarget, apgd; AutoAttack is jax_robust.autoattack
 DEFAULT_STEPS = {"pgd": 10, "multitarget": 20, "apgd": 100}
 # Stream of each pass: key_b = fold_in(fold_in(key, STREAM[name]), batch index). The PGD
 # masking checks share the "pgd" stream (same starts as the base PGD).

@@ -29,10 +29,28 @@ from jax_robust.errors import CheckpointError, Interrupted, UserError  # noqa: F
 from jax_robust.evaluation import evaluate, make_eval_step
 from jax_robust.files import exclusive_dir, write_json_atomic, write_text_atomic
 from jax_robust.objectives import ObjectiveParams
+from jax_robust.autoattack import autoattack
 from jax_robust.robustness import evaluate_robustness
 from jax_robust.pipeline import TrainBatches, check_batch_size, make_mesh, replicate, shard_batch
 from jax_robust.schedules import learning_rate, make_optimizer
 from jax_robust.step import TrainState, accumulate_metrics, empty_metrics, make_train_step
+
+
+# What results.json keeps of an AutoAttack evaluation (jax_robust.autoattack.autoattack).
+AUTOATTACK_RECORD = ("robust_acc", "clean_acc", "robust_acc_after", "n", "version", "attacks",
+                     "eps", "seed", "key", "seconds", "warnings")
+
+
+def robustbench_json(results: dict, name: str) -> dict:
+    """A RobustBench-style summary of results.json's AutoAttack evaluation `name`."""
+    aa = results[name]
+    return {"clean_acc": aa["clean_acc"], "autoattack_acc": aa["robust_acc"],
+            "eps": aa["eps"], "n_examples": aa["n"], "version": aa["version"],
+            "seed": results["config"]["train"]["seed"], "key": aa["key"],
+            "key_from": "fold_in(split(key(seed), 3)[2], 6), the run's evaluation stream",
+            "attacks": aa["attacks"],
+            "robust_acc_after": aa["robust_acc_after"], "config": results["config"],
+            "step": results["steps"], "finished": results["finished"]}
 
 
 class TrainingDiverged(UserError):
@@ -426,14 +444,15 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
         if cfg.eval.attacks != ("pgd",):
             variables = {"params": state.params, "model_state": state.model_state}
             n_attack = min(e.attack_size or len(dataset.x_test), len(dataset.x_test))
+            x_attack = datalib.take(dataset.x_test, np.arange(n_attack))
+            classic = tuple(a for a in e.attacks if a not in cfglib.AUTOATTACK_VERSIONS)
             robust = evaluate_robustness(
-                inference_apply(model_fn), variables, datalib.take(dataset.x_test,
-                                                                   np.arange(n_attack)),
-                dataset.y_test[:n_attack], hp.eps, attacks=e.attacks,
+                inference_apply(model_fn), variables, x_attack,
+                dataset.y_test[:n_attack], hp.eps, attacks=classic or ("pgd",),
                 key=jax.random.fold_in(eval_key, 3), batch_size=e.batch_size,
                 restarts=e.attack_restarts, log=log, mesh=mesh, unroll=hp.unroll,
                 should_stop=should_stop)
-            row.update({f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in e.attacks})
+            row.update({f"adv_test_acc_{a}": robust[f"acc_{a}"] for a in classic})
             row.update(attack_examples=n_attack, adv_test_acc_worst=robust["acc_worst"],
                        zero_grad_fraction=robust["zero_grad_fraction"],
                        adv_test_acc_pgd_eps_x2=robust["acc_pgd_eps_x2"],
@@ -441,6 +460,18 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                        masking_warnings=robust["masking_warnings"])
             for warning in robust["masking_warnings"]:
                 log(f"warning: {warning}")
+            worst = robust["robust_mask"]
+            for name, version in cfglib.AUTOATTACK_VERSIONS.items():
+                if name not in e.attacks:
+                    continue
+                out = autoattack(inference_apply(model_fn), variables, x_attack,
+                                 dataset.y_test[:n_attack], hp.eps, version,
+                                 key=jax.random.fold_in(eval_key, 6), batch_size=e.batch_size,
+                                 mesh=mesh, log=log, unroll=hp.unroll)
+                row[f"adv_test_acc_{name}"] = out["robust_acc"]
+                row[name] = {k: out[k] for k in AUTOATTACK_RECORD}
+                worst = worst & out["robust_flags"]
+            row["adv_test_acc_worst"] = 100.0 * float(np.mean(worst))
         return row, {"train": train["count"], "test": test["count"]}
 
     start = time.time()
@@ -482,6 +513,10 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
         results["trained_with_attack"] = trained
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, name), results)
+        for aa in cfglib.AUTOATTACK_VERSIONS:  # RobustBench-style, beside results.json
+            if aa in results:
+                write_json_atomic(os.path.join(workdir, f"{name[:-5]}_{aa}.json"),
+                                  robustbench_json(results, aa))
     return results
 
 

@@ -264,3 +264,27 @@ def test_holdout_keeps_the_best_epoch_beside_the_latest_and_reports_both(tmp_pat
     logits = loaded.apply_fn(loaded.variables, ds.x_test)
     acc = 100 * float(np.mean(np.argmax(np.asarray(logits), -1) == ds.y_test))
     assert acc == pytest.approx(r["best"]["test_acc"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_only_adds_autoattack_to_a_finished_run(tmp_path):
+    cfg = dataclasses.replace(
+        SMALL, train=dataclasses.replace(SMALL.train, method="at", epochs=2),
+        speed=cfglib.SpeedConfig(attack_unroll=False))
+    trained = train.train_and_evaluate(cfg, str(tmp_path), log=lambda _: None)
+    evaluated = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, attacks=("pgd", "apgd", "autoattack"), attack_size=32))
+    r = train.train_and_evaluate(evaluated, str(tmp_path), log=lambda _: None, eval_only=True)
+    assert r["steps"] == trained["steps"] and r["finished"]
+    assert r["attack_examples"] == 32 and r["autoattack"]["n"] == 32
+    # AutoAttack's worst case starts with APGD-CE, so it is never above APGD-CE's accuracy on
+    # the same points by more than APGD's own randomness; the overall worst case takes both.
+    assert r["adv_test_acc_autoattack"] <= r["autoattack"]["clean_acc"]
+    assert r["adv_test_acc_worst"] <= min(r["adv_test_acc_autoattack"], r["adv_test_acc_pgd"],
+                                          r["adv_test_acc_apgd"])
+    assert list(r["autoattack"]["robust_acc_after"]) == ["clean", "apgd-ce", "apgd-t",
+                                                         "fab-t", "square"]
+    with open(tmp_path / "results_autoattack.json") as f:
+        rb = json.load(f)
+    assert (rb["autoattack_acc"], rb["n_examples"], rb["version"], rb["eps"], rb["seed"]) == (
+        r["adv_test_acc_autoattack"], 32, "standard", 0.1, 0)
