@@ -206,7 +206,7 @@ def ranked_target(clean_logits: jax.Array, rank: jax.Array | int) -> jax.Array:
 def apgd_run(logits_fn: Callable, x: jax.Array, y: jax.Array, x_init: jax.Array, *, eps,
              n_iter: int, loss: str = "ce", target: jax.Array | None = None, rho: float = 0.75,
              momentum: float = 0.75, eot_iter: int = 1, key: jax.Array | None = None,
-             unroll: bool | int = True) -> dict[str, jax.Array]:
+             unroll: bool | int = False) -> dict[str, jax.Array]:
     """One l_inf APGD run from x_init, in the reference's order of operations
     (`APGDAttack.attack_single_run(x, y, x_init)`).
 
@@ -427,7 +427,7 @@ def _diff_logits_grads(logits_fn: Callable, x1: jax.Array, y: jax.Array,
 def fab_run(logits_fn: Callable, x: jax.Array, y: jax.Array, x_start: jax.Array, *,
             n_iter: int, target: jax.Array | None = None, alpha_max: float = 0.1,
             eta: float = 1.05, beta: float = 0.9, key: jax.Array | None = None,
-            unroll: bool | int = True) -> dict[str, jax.Array]:
+            unroll: bool | int = False) -> dict[str, jax.Array]:
     """One l_inf FAB run (Croce & Hein 2020, "Minimally distorted adversarial examples with a
     fast adaptive boundary attack"), the reference's `FABAttack.attack_single_run`.
 
