@@ -31,7 +31,7 @@ Pieces (pure functions of `logits_fn: x [B, H, W, C] -> logits [B, K]`, x in [0,
 Programs: one jitted program per attack (and one for the clean predictions), compiled ahead of
 time on the first batch and reused for every batch, target and restart: every batch is padded
 to one shape (repeating its own points), so nothing recompiles between batches or stages. An
-attack's iterations are a `lax.fori_loop` (APGD, FAB; unrolled by default, see `unroll`) or a
+attack's iterations are a `lax.fori_loop` (APGD, FAB; rolled by default, see `unroll`) or a
 `lax.while_loop` (Square, which stops when no point of the batch is left to fool). Between
 sub-runs (a target of APGD-T / FAB-T, a restart) the host gathers the points still robust, as
 the reference does per batch.
