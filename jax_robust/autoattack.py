@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_robust.attacks import apgd_checkpoints, project_linf
 from jax_robust.distributed import to_host
+from jax_robust.errors import Interrupted
 from jax_robust.pipeline import padded_batch
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -670,7 +671,8 @@ def autoattack(apply_fn: Callable, variables: Any, x, y, eps: float,
                batch_size: int = 256, mesh: Mesh | None = None,
                log: Callable[[str], None] | None = None,
                attacks: Sequence[str | AttackSpec] | None = None, stochastic: bool = False,
-               unroll: bool | int = False) -> dict[str, Any]:
+               unroll: bool | int = False,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """AutoAttack's l_inf robust accuracy of a classifier on (x, y), as the reference's
     `AutoAttack(model, eps=eps, version=version).run_standard_evaluation(x, y)`.
 
@@ -691,6 +693,8 @@ def autoattack(apply_fn: Callable, variables: Any, x, y, eps: float,
         seconds, compile seconds).
       attacks: with version="custom": names from ATTACKS or AttackSpec.
       stochastic: apply_fn takes a key (randomised defenses; the "rand" version).
+      should_stop: a poll (e.g. true after SIGTERM), called before every batch of every
+        attack; when true, `errors.Interrupted` is raised and nothing is returned.
       unroll: unroll of APGD's and FAB's iteration loops (`lax.fori_loop`'s): False (rolled)
         compiles in seconds and is as fast as unrolled with the project's oneDNN convolutions
         (SpeedConfig.conv_kernels='onednn', the CPU default); with XLA's own convolutions on
@@ -780,11 +784,13 @@ def autoattack(apply_fn: Callable, variables: Any, x, y, eps: float,
                     variables, put(x[idx0]), put(y[idx0]), put(idx0.astype(np.int32)),
                     sub_key, put_rep(jnp.int32(0)), eps_dev, sub_dev).compile()
                 compile_s = time.perf_counter() - t_c
-            outs = [(idx, m, program(variables, put(x[idx]), put(y[idx]),
-                                     put(idx.astype(np.int32)), sub_key,
-                                     put_rep(jnp.int32(b)), eps_dev, sub_dev))
-                    for b, (idx, m) in enumerate(parts)]
-            for idx, m, (xa, fooled, pred) in outs:
+            for b, (idx, m) in enumerate(parts):  # one batch in flight: a stop waits for one
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"stopped during AutoAttack's {spec.name}; nothing "
+                                      f"was written, rerun to evaluate")
+                xa, fooled, pred = program(variables, put(x[idx]), put(y[idx]),
+                                           put(idx.astype(np.int32)), sub_key,
+                                           put_rep(jnp.int32(b)), eps_dev, sub_dev)
                 idx, fooled = idx[:m], to_host(fooled)[:m]
                 hit = idx[fooled]
                 x_adv[hit] = to_host(xa)[:m][fooled]

@@ -467,7 +467,7 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
                 out = autoattack(inference_apply(model_fn), variables, x_attack,
                                  dataset.y_test[:n_attack], hp.eps, version,
                                  key=jax.random.fold_in(eval_key, 6), batch_size=e.batch_size,
-                                 mesh=mesh, log=log, unroll=hp.unroll)
+                                 mesh=mesh, log=log, should_stop=should_stop)
                 row[f"adv_test_acc_{name}"] = out["robust_acc"]
                 row[name] = {k: out[k] for k in AUTOATTACK_RECORD}
                 worst = worst & out["robust_flags"]

@@ -92,3 +92,21 @@ def test_separation_scans_poll_between_calls(digits_uint8):
     with pytest.raises(Interrupted, match="call 2 of"):
         separation.nearest_other_label_distance(xq, yq, x, y, tiling=TILING,
                                                 should_stop=poll_true_at(2))
+
+
+def test_autoattack_polls_before_every_batch_and_stops_with_nothing_returned():
+    from jax_robust.autoattack import autoattack
+
+    params, x, y = linear_problem()
+    kw = dict(version="custom", attacks=("apgd-ce",), key=0, batch_size=8)
+    plain = autoattack(linear_apply, params, x, y, 0.1, **kw)
+    robust = int(plain["robust_flags"].sum() + (plain["fooled_by"] == "apgd-ce").sum())
+    never = poll_true_at(10 ** 9)
+    polled = autoattack(linear_apply, params, x, y, 0.1, should_stop=never, **kw)
+    # One poll per batch of each restart (5 for a custom APGD-CE) over the points still robust.
+    assert -(-robust // 8) <= len(never.calls) <= 5 * -(-robust // 8)
+    np.testing.assert_array_equal(polled["robust_flags"], plain["robust_flags"])
+    stop = poll_true_at(1)
+    with pytest.raises(Interrupted, match="AutoAttack's apgd-ce"):
+        autoattack(linear_apply, params, x, y, 0.1, should_stop=stop, **kw)
+    assert len(stop.calls) == 1
