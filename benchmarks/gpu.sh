@@ -12,6 +12,9 @@
 #        torch_nchw, torch_cl, torch_compile, torch_compile_nograd; --peak_tflops = the GPU's
 #        dense TF32 peak (JAX's default float32 precision on convolutions and matmuls)
 #   b    the same in bfloat16 (JAX dtype=bfloat16; PyTorch autocast), the dense BF16 peak
+#   d    benchmarks/autoattack.py: AutoAttack's standard version on CNN1 (1 epoch of AT here),
+#        ours against the reference (pyautoattack, if installed with CUDA torch) on the same
+#        points: robust accuracy, agreement, time (issue 25)
 #   c    benchmarks/separation.py --full: train-train l_inf separation of 60,000 x 60,000 x 784
 #        (sklearn and numpy on --baseline_queries, extrapolated). Fashion-MNIST from
 #        $FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, shared/fashion-mnist or
@@ -225,10 +228,23 @@ if [ -n "$DATA" ]; then
         SEP_ARGS=(--full --baseline_queries=32)  # sklearn, numpy: ~10-60 s on 32 x 60k
     fi
     SEPLOG=$OUTDIR/c_separation.log
-    run_part "c (separation)" "$SEPLOG" "$(budget 150 0)" \
+    run_part "c (separation)" "$SEPLOG" "$(budget 150 100)" \
         "$PY" benchmarks/separation.py --data_dir="$DATA" "${SEP_ARGS[@]}"
     grep -E '^(fashion_mnist train-train|jax_|sklearn|numpy|ratio )' "$SEPLOG" \
         | grep -v ': tiles ' >>"$SUMMARY"
+fi
+
+# ---------------------------------------------------------------- d: AutoAttack
+if [ -n "$DATA" ]; then
+    if [ "$QUICK" = 1 ]; then
+        AA_ARGS=(--archs=cnn1 --n=50 --train_size=500)
+    else
+        AA_ARGS=(--archs=cnn1 --n=1000)
+    fi
+    AALOG=$OUTDIR/d_autoattack.log
+    run_part "d (AutoAttack)" "$AALOG" "$(budget 100 0)" \
+        "$PY" benchmarks/autoattack.py --data_dir="$DATA" "${AA_ARGS[@]}"
+    grep -E '^\|' "$AALOG" >>"$SUMMARY"
 fi
 
 # ---------------------------------------------------------------- end
