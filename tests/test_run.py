@@ -49,7 +49,7 @@ def test_run_writes_the_papers_row(tmp_path):
     # optional limits and data_dir, and eps nowhere else.
     flat = leaves(cfg)
     assert {k for k, v in flat.items() if v is None} == {
-        "data.data_dir", "eval.train_eval_size"}
+        "data.data_dir", "eval.train_eval_size", "eval.attack_size"}
     assert flat["attack.eps"] == 0.1 and flat["attack.step_size"] == pytest.approx(0.02)
     assert flat["model.dropout"] == 0.5 and flat["model.pool_ties"] == "first"
     assert flat["train.lr"] == pytest.approx(1e-4 * 64) and flat["train.epochs"] == 2
