@@ -56,3 +56,15 @@ def test_no_top_level_experiments_package_is_installed(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": ""}).stdout.split()
     assert out == ["True", "True"]
+
+
+def test_the_library_defines_no_flags():
+    # Flags live in the binaries (jax_robust/cli); the library takes a config. (chex imports
+    # absl's logging, so absl itself is there; its flag registry must stay empty of ours.)
+    code = ("import jax_robust.train, jax_robust.autoattack, jax_robust.robustness, "
+            "jax_robust.separation, jax_robust.report, jax_robust.recipes\n"
+            "from absl import flags\n"
+            "print(sorted(n for n in ('method', 'dataset', 'eps', 'workdir', 'seed') "
+            "if n in flags.FLAGS), 'jax_robust.cli' in ' '.join(__import__('sys').modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[] False", out.stderr[-2000:]
