@@ -173,6 +173,13 @@ class _Loop:
     best_manager: Any = None  # checkpoints_best/ (--holdout): the best epoch's state
 
 
+def training_steps(cfg: cfglib.RunConfig, n_loaded: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a resolved config on a training set of `n_loaded`
+    points as loaded (before --holdout takes its points)."""
+    steps_per_epoch = math.ceil((n_loaded - cfg.data.holdout) / cfg.train.batch_size)
+    return steps_per_epoch, cfg.train.epochs * steps_per_epoch
+
+
 def best_holdout(manager) -> float:
     """The held-out PGD accuracy of the best checkpoint in `manager` (-inf: none yet)."""
     if manager is None:
@@ -348,8 +355,7 @@ def _train_and_evaluate(cfg: cfglib.RunConfig, workdir: str, *, log, should_stop
     model_fn = models.make_model_fn(module)
     hp = objective_params(cfg)
     n_train = len(dataset.x_train)
-    steps_per_epoch = math.ceil(n_train / t.batch_size)
-    total_steps = t.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = training_steps(cfg, n_train + cfg.data.holdout)
     optimizer = make_optimizer(t, steps_per_epoch)
     init_key, train_key, eval_key = jax.random.split(jax.random.key(t.seed), 3)
     image_hw = tuple(info.image_shape[:2])

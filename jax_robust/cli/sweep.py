@@ -190,9 +190,8 @@ def main(argv):
     primary = distributed.is_primary()
     base = cells[0][1].data
     dataset = datalib.load_dataset(base.dataset, base.data_dir, base.max_train, base.max_test)
-    n_train = len(dataset.x_train)
     todo = [(n, c) for n, c in cells if stale[n] or not cell_finished(
-        os.path.join(root, n), c.train.epochs * -(-n_train // c.train.batch_size))]
+        os.path.join(root, n), train.training_steps(c, len(dataset.y_train))[1])]
     distributed.barrier("jax_robust-sweep-start")  # every process has read the same state
     cli.say(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
     start, finished = time.time(), 0
