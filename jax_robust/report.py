@@ -502,9 +502,10 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
 
 
 def plot_gap_curves(cells: list[Cell], path: str, title: str) -> bool:
-    """Per epoch, in eval mode on fixed subsets (--train_curve_size, --curve_size): clean and
-    PGD accuracy on train and test, and the clean and PGD gaps (train - test), mean over
-    seeds, one line per cell: where each method's gap opens. False without those curves."""
+    """Where each method's gap opens: one panel per cell, per epoch, in eval mode on the fixed
+    subsets of --train_curve_size and --curve_size, clean (blue) and PGD (red) accuracy on
+    train (solid) and test (dashed), mean over seeds, the gap between them shaded and the
+    learning-rate drops as vertical lines. False without those curves."""
     with_curves = [c for c in cells if all(r.curve and "train_subset_acc" in r.curve[0]
                                            for r in c.runs)]
     if not with_curves:
@@ -512,29 +513,45 @@ def plot_gap_curves(cells: list[Cell], path: str, title: str) -> bool:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    panels = (("train_subset_acc", None, "train acc, subset (%)"),
-              ("test_subset_acc", None, "test acc, subset (%)"),
-              ("train_subset_acc", "test_subset_acc", "clean gap, train - test (points)"),
-              ("adv_train_subset_acc", None, "PGD train acc, subset (%)"),
-              ("adv_test_subset_acc", None, "PGD test acc, subset (%)"),
-              ("adv_train_subset_acc", "adv_test_subset_acc", "PGD gap, train - test (points)"))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, (key, minus, name) in zip(axes.flat, panels):
-        for cell in with_curves:
-            n = min(len(r.curve) for r in cell.runs)
-            epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
-            per_run = [[e[key] - (e[minus] if minus else 0.0) for e in r.curve[:n]]
-                       for r in cell.runs]
-            ax.plot(epochs, np.mean(per_run, axis=0), color=_color(cell.method), lw=1,
-                    ls=("-" if cell.variant == "official" else "--") if cell.official_dropout
-                    else ":", label=f"{cell.label} {cell.variant}")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(name, fontsize=9)
+    ncols = min(4, len(with_curves))
+    nrows = -(-len(with_curves) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 2.8 * nrows + 0.6),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, cell in zip(axes.flat, with_curves):
+        n = min(len(r.curve) for r in cell.runs)
+        epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
+
+        def mean(key):
+            return np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
+
+        gaps = []
+        for train_key, test_key, color, name in (
+                ("train_subset_acc", "test_subset_acc", "tab:blue", "clean"),
+                ("adv_train_subset_acc", "adv_test_subset_acc", "tab:red", "PGD")):
+            train, test = mean(train_key), mean(test_key)
+            ax.plot(epochs, train, color=color, lw=1, label=f"{name}, train")
+            ax.plot(epochs, test, color=color, lw=1, ls="--", label=f"{name}, test")
+            ax.fill_between(epochs, train, test, color=color, alpha=0.15, lw=0)
+            gaps.append(train[-1] - test[-1])
+        for epoch in cell.runs[0].config["train"].get("milestones") or ():
+            ax.axvline(epoch, color="black", lw=0.6, alpha=0.3)
+        seeds = len(cell.runs)
+        ax.set_title(f"{cell.label} {cell.variant}, {seeds} seed{'s' * (seeds > 1)}\n"
+                     f"last gaps: clean {gaps[0]:.1f}, PGD {gaps[1]:.1f}", fontsize=8)
         ax.grid(alpha=0.3)
-    axes.flat[2].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Where the gaps open (eval mode, mean over seeds; dashed: paper variant, "
-                 f"dotted: another dropout): {title}", fontsize=10)
+    for i, ax in enumerate(axes.flat):
+        row, col = divmod(i, ncols)
+        if i >= len(with_curves):
+            ax.set_visible(False)
+        elif row == nrows - 1 or i + ncols >= len(with_curves):  # the column's lowest panel
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy on the subset (%)", fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Where the gaps open: train (solid) against test (dashed), clean and PGD, "
+                 f"eval mode, mean over seeds: {title}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return True

@@ -155,3 +155,26 @@ def test_readme_tables_are_the_reports_of_the_committed_runs(name, in_readme):
         assert attacks and attacks in readme, f"README's {name} attack table differs"
     written = open(os.path.join(root, "table.md")).read()
     assert table in written and attacks in written, f"regenerate docs/results_{name}/table.md"
+
+
+def test_gap_curves_are_one_panel_per_cell_with_the_seed_mean_of_the_last_gaps(tmp_path,
+                                                                              monkeypatch):
+    def curve(train, test, adv_train, adv_test):
+        return "".join(json.dumps(
+            {"epoch": e, "step": e, "lr": 0.1, "train_loss": 1.0, "train_acc": 50.0,
+             "test_subset_acc": test, "adv_test_subset_acc": adv_test, "train_subset_acc":
+             train, "adv_train_subset_acc": adv_train, "seconds": 1.0}) + "\n" for e in (1, 2))
+
+    for seed, (train, adv_train) in enumerate([(96.0, 50.0), (100.0, 60.0)]):
+        write_run(tmp_path, f"at-s{seed}", "at", {}, seed, 10.0)
+        (tmp_path / f"at-s{seed}" / "metrics.jsonl").write_text(curve(train, 70.0, adv_train,
+                                                                       35.0))
+    write_run(tmp_path, "natural-s0", "natural", {}, 0, 10.0)  # no training-subset curve
+    cells = report.cells_of(report.load_runs(str(tmp_path)))
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    assert not report.plot_gap_curves(cells[:1], str(tmp_path / "g.png"), "t")  # Natural
+    assert report.plot_gap_curves(cells, str(tmp_path / "g.png"), "t")
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["AT official, 2 seeds\nlast gaps: clean 28.0, PGD 20.0"]
