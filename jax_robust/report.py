@@ -457,6 +457,13 @@ def plot_dropout(cells: list[Cell], path: str, title: str) -> bool:
     return True
 
 
+def _seed_mean_curve(cell: Cell, key: str) -> tuple[list, np.ndarray]:
+    """(epochs, per-epoch mean of `key` over the cell's seeds), up to the shortest curve."""
+    n = min(len(r.curve) for r in cell.runs)
+    return ([e["epoch"] for e in cell.runs[0].curve[:n]],
+            np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0))
+
+
 def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
     """Per epoch: training loss, train acc (of the epoch's batches) and clean / PGD accuracy
     on the test subset, mean over seeds, one line per cell; False without metrics.jsonl."""
@@ -479,11 +486,9 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     for ax, (key, name, log) in zip(axes, keys):
         for cell in with_curves:
-            n = min(len(r.curve) for r in cell.runs)
-            epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
-            mean = np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
+            epochs, mean = _seed_mean_curve(cell, key)
             ax.plot(epochs, mean, color=shade[id(cell)], lw=1, ms=3,
-                    marker="o" if n <= 10 else None,
+                    marker="o" if len(epochs) <= 10 else None,
                     ls=("-" if cell.variant == "official" else "--") if cell.official_dropout
                     else ":",
                     label=f"{cell.label} {cell.variant}")
@@ -518,17 +523,12 @@ def plot_gap_curves(cells: list[Cell], path: str, title: str) -> bool:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 2.8 * nrows + 0.6),
                              sharex=True, sharey=True, squeeze=False)
     for ax, cell in zip(axes.flat, with_curves):
-        n = min(len(r.curve) for r in cell.runs)
-        epochs = [e["epoch"] for e in cell.runs[0].curve[:n]]
-
-        def mean(key):
-            return np.mean([[e[key] for e in r.curve[:n]] for r in cell.runs], axis=0)
-
         gaps = []
         for train_key, test_key, color, name in (
                 ("train_subset_acc", "test_subset_acc", "tab:blue", "clean"),
                 ("adv_train_subset_acc", "adv_test_subset_acc", "tab:red", "PGD")):
-            train, test = mean(train_key), mean(test_key)
+            epochs, train = _seed_mean_curve(cell, train_key)
+            test = _seed_mean_curve(cell, test_key)[1]
             ax.plot(epochs, train, color=color, lw=1, label=f"{name}, train")
             ax.plot(epochs, test, color=color, lw=1, ls="--", label=f"{name}, test")
             ax.fill_between(epochs, train, test, color=color, alpha=0.15, lw=0)
@@ -540,10 +540,9 @@ def plot_gap_curves(cells: list[Cell], path: str, title: str) -> bool:
                      f"last gaps: clean {gaps[0]:.1f}, PGD {gaps[1]:.1f}", fontsize=8)
         ax.grid(alpha=0.3)
     for i, ax in enumerate(axes.flat):
-        row, col = divmod(i, ncols)
         if i >= len(with_curves):
             ax.set_visible(False)
-        elif row == nrows - 1 or i + ncols >= len(with_curves):  # the column's lowest panel
+        elif i + ncols >= len(with_curves):  # the lowest panel of its column
             ax.set_xlabel("epoch")
             ax.xaxis.set_tick_params(labelbottom=True)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
