@@ -140,7 +140,7 @@ def test_the_binary_skips_a_bad_file_with_one_line_and_expands_the_tilde(tmp_pat
 
 
 @pytest.mark.parametrize("name,in_readme", [("digits", "table"), ("fashion_mnist", ""),
-                                             ("fashion_mnist_fit", "table and attacks")])
+                                             ("fashion_mnist_fit", "table")])
 def test_readme_tables_are_the_reports_of_the_committed_runs(name, in_readme):
     # docs/results_<name>/table.md, and the README's tables of it, must be what the report
     # computes now from the committed results.json / metrics.jsonl (no hand edits, no stale
