@@ -5,6 +5,7 @@ wrong number with exit status 0."""
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +111,19 @@ def test_sweep_reuses_only_cells_of_the_requested_configuration(tmp_path):
     again = binary("sweep.py", *SWEEP, f"--workdir={tmp_path}")
     assert again.returncode == 0 and "1 done, 0 to run" in again.stdout
     assert os.path.getmtime(cell) == made  # not re-run
+    # The attack table is not a cell's identity: a finished cell gets it from its checkpoint.
+    trained = json.load(open(cell))
+    table = binary("sweep.py", *SWEEP, "--eval_attacks=pgd,apgd", "--eval_attack_size=16",
+                   f"--workdir={tmp_path}")
+    assert table.returncode == 0 and "0 done, 1 to run" in table.stdout, table.stderr[-2000:]
+    added = json.load(open(cell))
+    assert added["attack_examples"] == 16 and "adv_test_acc_apgd" in added
+    same = ("steps", "train_acc", "test_acc", "test_lipschitz")  # the same model, evaluated
+    assert [added[k] for k in same] == [trained[k] for k in same]
+    shutil.rmtree(cell.parent / "checkpoints")
+    line = one_error_line(binary("sweep.py", *SWEEP, "--eval_attacks=pgd,multitarget",
+                                 "--eval_attack_size=16", f"--workdir={tmp_path}"))
+    assert "without --eval_attacks=multitarget" in line and "--overwrite retrains" in line
     line = one_error_line(binary("sweep.py", *SWEEP[:-2], "--epochs=2", "--eval_batch_size=32",
                                  f"--workdir={tmp_path}"))
     assert "made with other settings (train.epochs)" in line and "--overwrite" in line

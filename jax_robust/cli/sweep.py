@@ -7,7 +7,9 @@
 Each cell runs in <workdir>/<row>-<variant>[-drop<rate>]-seed<k>. A finished cell (its
 results.json made with the requested configuration) is not re-run, an interrupted one resumes
 from its checkpoints; a cell whose results or checkpoints were made with other settings is
-refused (naming them) unless --overwrite. SIGTERM or Ctrl-C: the running cell saves a
+refused (naming them) unless --overwrite. A finished cell without the requested attack
+table (--eval_attacks) has its checkpoint evaluated again (or, with none left, is refused unless
+--overwrite retrains it). SIGTERM or Ctrl-C: the running cell saves a
 checkpoint and the sweep exits with code 130; run it again to continue. At the end
 experiments/report.py's tables and plots are written to the workdir.
 """
@@ -157,6 +159,22 @@ def stale_settings(workdir: str, cfg: cfglib.RunConfig) -> list[str]:
     return cfglib.config_changes(saved, cfg.to_dict(), kinds=kinds)
 
 
+def attack_table_missing(workdir: str, cfg: cfglib.RunConfig) -> list[str]:
+    """The requested attack table (--eval_attacks beyond the paper's PGD, with their test points
+    and restarts) as far as `workdir`'s results.json lacks it: those settings are not a cell's
+    identity, so a finished cell gets them by an evaluation of its checkpoint."""
+    e = cfg.eval
+    if tuple(e.attacks) == ("pgd",):
+        return []  # no table asked for
+    saved, source = saved_config(workdir)
+    if source != "results.json":
+        return []
+    done = saved.get("eval") if isinstance(saved.get("eval"), dict) else {}
+    return ([f"--eval_attacks={a}" for a in e.attacks if a not in (done.get("attacks") or ())]
+            + [f"--eval_{n}={getattr(e, n)}" for n in ("attack_size", "attack_restarts")
+               if done.get(n, getattr(e, n)) != getattr(e, n)])
+
+
 def cell_finished(workdir: str, total_steps: int) -> bool:
     """Whether `workdir`'s results.json holds the evaluation of the run's final step."""
     try:
@@ -190,8 +208,22 @@ def main(argv):
     primary = distributed.is_primary()
     base = cells[0][1].data
     dataset = datalib.load_dataset(base.dataset, base.data_dir, base.max_train, base.max_test)
-    todo = [(n, c) for n, c in cells if stale[n] or not cell_finished(
-        os.path.join(root, n), train.training_steps(c, len(dataset.y_train))[1])]
+    todo, evaluate = [], set()  # cells to train (or resume), and finished ones to evaluate
+    for n, c in cells:
+        workdir = os.path.join(root, n)
+        if stale[n] or not cell_finished(workdir, train.training_steps(
+                c, len(dataset.y_train))[1]):
+            todo.append((n, c))
+        elif missing := attack_table_missing(workdir, c):
+            if os.path.isdir(os.path.join(workdir, "checkpoints")):
+                evaluate.add(n)
+            elif not FLAGS.overwrite:
+                raise UserError(f"{workdir} is finished without {', '.join(missing)} and "
+                                f"keeps no checkpoint to evaluate; --overwrite retrains it "
+                                f"(nothing was changed)")
+            else:
+                stale[n] = missing  # retrained from scratch below
+            todo.append((n, c))
     distributed.barrier("jax_robust-sweep-start")  # every process has read the same state
     cli.say(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
     start, finished = time.time(), 0
@@ -208,7 +240,8 @@ def main(argv):
 
         def run_cell():
             train.train_and_evaluate(cfg, workdir, dataset=dataset, should_stop=should_stop,
-                                     log=lambda m: cli.say("  " + m))
+                                     log=lambda m: cli.say("  " + m),
+                                     eval_only=name in evaluate)
 
         try:
             if should_stop():  # a stop between two cells: the next one does not start
