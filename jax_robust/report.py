@@ -331,45 +331,75 @@ def _save(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
+def _segments_cross(a, b) -> bool:
+    """Whether segments a and b, each ((x0, y0), (x1, y1)), properly cross."""
+    def side(p, q, r):
+        return np.sign((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
+
+    return (side(*a, b[0]) * side(*a, b[1]) < 0) and (side(*b, a[0]) * side(*b, a[1]) < 0)
+
+
+def _segment_in_box(segment, box) -> int:
+    """How many of nine points spread along `segment` lie inside `box` (a Bbox)."""
+    (x0, y0), (x1, y1) = segment
+    return sum(box.contains(x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+               for t in np.linspace(0.1, 0.9, 9))
+
+
+def _area(a, b) -> float:
+    """The area of the intersection of Bboxes a and b (display units squared)."""
+    return (max(0, min(a.x1, b.x1) - max(a.x0, b.x0))
+            * max(0, min(a.y1, b.y1) - max(a.y0, b.y0)))
+
+
 def _place_labels(fig, ax, labels) -> None:
-    """Annotates each point (text, x, y, prefer_left) at the first of twelve offsets whose text
-    box overlaps no label placed before it and no marker (else the least-overlapping one);
-    the far offsets get a leader line to their point."""
-    fig.tight_layout()
-    renderer = fig.canvas.get_renderer()
+    """Annotates each point (text, x, y, prefer_left) at the first of 28 offsets with zero
+    cost, else the cheapest. Cost, in px^2: the text box's overlap with labels placed before
+    it and with every marker, its part outside the axes, 50 for each ninth of a leader
+    (the far offsets get a leader line to their point) inside a label, and 200 for each
+    leader it crosses. Call it after the last layout change: a later tight_layout rescales
+    the axes and moves the points under labels fixed in points."""
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
-    def marker_box(x, y):  # the marker's box in display units, with a margin
-        px, py = ax.transData.transform((x, y))
-        return Bbox([[px - 7, py - 7], [px + 7, py + 7]])
-
-    markers = [marker_box(x, y) for _, x, y, _ in labels]
-    placed = []
-    for text, x, y, left in labels:
-        right = [(6, 3), (6, -9)]
-        leftside = [(-dx, dy) for dx, dy in right]
-        near = (leftside + right) if left else (right + leftside)
-        far = [(sx * 22, sy) for sy in (16, -22, 28, -34) for sx in ((-1, 1) if left else (1, -1))]
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    points = [ax.transData.transform((x, y)) for _, x, y, _ in labels]
+    markers = [Bbox([[px - 7, py - 7], [px + 7, py + 7]]) for px, py in points]
+    placed, leaders = [], []
+    for (text, x, y, left), point in zip(labels, points):
+        near = [(6, 3), (6, -9), (-6, 3), (-6, -9)]
+        far = [(sx * dx, dy) for dx in (22, 48) for dy in (16, -22, 28, -34, 40, -46)
+               for sx in (1, -1)]
+        if left:
+            near, far = ([(-dx, dy) for dx, dy in near], [(-dx, dy) for dx, dy in far])
         best = None
-        for dx, dy in near + far:  # far ones get a leader line to their point
+        for dx, dy in near + far:
             arrow = (dict(arrowstyle="-", lw=0.5, color="0.4", shrinkA=0, shrinkB=3)
                      if abs(dx) > 6 else None)
             ann = ax.annotate(text, (x, y), fontsize=6.5, xytext=(dx, dy),
                               textcoords="offset points", ha="left" if dx > 0 else "right",
                               arrowprops=arrow)
-            box = ann.get_window_extent(renderer)
-            overlap = sum(max(0, min(box.x1, b.x1) - max(box.x0, b.x0))
-                          * max(0, min(box.y1, b.y1) - max(box.y0, b.y0))
-                          for b in placed + markers)
-            if best is None or overlap < best[0]:
+            ann.update_positions(renderer)  # then the text's own box, without its leader
+            box = Text.get_window_extent(ann, renderer)
+            leader = (point, (box.x0 if dx > 0 else box.x1, (box.y0 + box.y1) / 2))
+            cost = (sum(_area(box, b) for b in placed + markers)
+                    + box.width * box.height - _area(box, frame)
+                    + 50 * sum(_segment_in_box(other, box) for other in leaders))
+            if arrow:
+                cost += (50 * sum(_segment_in_box(leader, b) for b in placed)
+                         + 200 * sum(_segments_cross(leader, other) for other in leaders))
+            if best is None or cost < best[0]:
                 if best is not None:
                     best[1].remove()
-                best = (overlap, ann, box)
+                best = (cost, ann, box, leader if arrow else None)
             else:
                 ann.remove()
-            if overlap == 0:
+            if cost == 0:
                 break
         placed.append(best[2])
+        if best[3] is not None:
+            leaders.append(best[3])
 
 
 def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> None:
@@ -380,6 +410,7 @@ def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> No
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = []
     for ax, key, name in ((axes[0], "test_lipschitz", "official estimator (descent)"),
                           (axes[1], "test_lipschitz_ascent", "ascent (maximum search)")):
         labels = []
@@ -400,11 +431,13 @@ def plot_lipschitz_vs_robustness(cells: list[Cell], path: str, title: str) -> No
             ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel(f"test lipschitz, {name} (log scale)")
         ax.grid(alpha=0.3, which="both")
-        _place_labels(fig, ax, labels)
+        panels.append((ax, labels))
     axes[0].set_ylabel("adv test acc (%)")
     fig.suptitle(f"Local Lipschitzness vs. robustness: {title}\n"
                  "circle official, square paper variant; bars: std over seeds", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout()  # the final layout: labels are placed in it
+    for ax, labels in panels:
+        _place_labels(fig, ax, labels)
     _save(fig, path)
 
 
