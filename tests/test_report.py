@@ -178,3 +178,30 @@ def test_gap_curves_are_one_panel_per_cell_with_the_seed_mean_of_the_last_gaps(t
     (fig,) = figures
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == ["AT official, 2 seeds\nlast gaps: clean 28.0, PGD 20.0"]
+
+
+def test_crowded_point_labels_neither_overlap_nor_leave_the_axes():
+    """Eight points in a clump, two of them coincident: every label's text box is clear of
+    the others and of the axes' edge, measured in the saved layout."""
+    from matplotlib.text import Text
+
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.8))  # one panel of the lipschitz plot
+    xs = [2.8, 2.8, 3.0, 3.2, 3.6, 3.7, 1.5, 40.0]
+    ys = [63.2, 63.4, 67.6, 67.5, 63.8, 66.5, 67.3, 6.0]
+    ax.plot(xs, ys, "o")
+    ax.set_xscale("log")
+    fig.tight_layout()
+    names = ["TRADES(b=6)", "TRADES(b=6)", "AT", "AT+d0", "TRADES(b=3)", "AT",
+             "TRADES(b=6)+d0", "Natural+d0"]
+    report._place_labels(fig, ax, [(n, x, y, i in (1, 2))
+                                   for i, (n, x, y) in enumerate(zip(names, xs, ys))])
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(names)
+    for i, a in enumerate(boxes):
+        assert report._area(a, frame) == pytest.approx(a.width * a.height)
+        for b in boxes[i + 1:]:
+            assert report._area(a, b) == 0
+    plt.close(fig)
