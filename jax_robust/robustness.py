@@ -19,7 +19,8 @@ Gradient-masking signals (Athalye et al. 2018, Carlini et al. 2019 checklists): 
 examples whose CE input gradient at x is exactly zero, PGD at 2 eps (accuracy must not rise) and
 PGD with 5x the steps (must not rise; it shares its random start and first steps with the base
 PGD, so a rise by a few examples can still happen on an honest model, whose final iterate
-wanders back). Violations are listed in "masking_warnings".
+wanders back; a fall of more than 3 points says the base PGD has not converged, as on
+gradient-regularised models). Violations are listed in "masking_warnings".
 
 Programs: one jitted program computes, per batch, the clean predictions, the zero-gradient
 flags, PGD and both PGD checks (so "pgd" costs no extra pass); "multitarget" and "apgd" get one
@@ -49,6 +50,7 @@ DEFAULT_STEPS = {"pgd": 10, "multitarget": 20, "apgd": 100}
 # masking checks share the "pgd" stream (same starts as the base PGD).
 _STREAM = {"pgd": 1, "multitarget": 2, "apgd": 3}
 ZERO_GRAD_WARN = 0.10
+UNCONVERGED_WARN = 0.03  # PGD with 5x steps this fraction of n below PGD: not converged
 
 
 def _attack_x(name: str, logits_fn: Callable, x, y, key, *, eps: float, steps: int,
@@ -288,6 +290,11 @@ def masking_warnings(*, pgd: int, pgd_eps_x2: int, pgd_steps_x5: int,
         warnings.append(f"PGD accuracy with {5 * pgd_steps} steps ({pgd_steps_x5}/{n}) is "
                         f"above PGD-{pgd_steps} ({pgd}/{n}): more steps should not help the "
                         "model (gradient masking?)")
+    if pgd - pgd_steps_x5 > UNCONVERGED_WARN * n:
+        warnings.append(f"PGD accuracy with {5 * pgd_steps} steps ({pgd_steps_x5}/{n}) is more "
+                        f"than {100 * UNCONVERGED_WARN:.0f} points below PGD-{pgd_steps} "
+                        f"({pgd}/{n}): PGD-{pgd_steps} has not converged and overstates "
+                        "robustness (read the stronger attacks)")
     if zero_grad_fraction > ZERO_GRAD_WARN:
         warnings.append(f"{100 * zero_grad_fraction:.1f}% of the examples have an exactly "
                         f"zero cross-entropy input gradient (> {100 * ZERO_GRAD_WARN:.0f}%): "
