@@ -483,9 +483,10 @@ def plot_dropout(cells: list[Cell], path: str, title: str) -> bool:
         ax.set_xlabel("dropout rate")
         ax.set_title(names[key] + (" (%)" if "lipschitz" not in key else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(multi),
+               fontsize=7)  # below the panels: inside one it hides points
     fig.suptitle(f"Dropout: {title}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, path)
     return True
 
