@@ -382,17 +382,18 @@ def _place_labels(fig, ax, labels) -> None:
                               arrowprops=arrow)
             ann.update_positions(renderer)  # then the text's own box, without its leader
             box = Text.get_window_extent(ann, renderer)
-            leader = (point, (box.x0 if dx > 0 else box.x1, (box.y0 + box.y1) / 2))
             cost = (sum(_area(box, b) for b in placed + markers)
                     + box.width * box.height - _area(box, frame)
                     + 50 * sum(_segment_in_box(other, box) for other in leaders))
+            leader = None
             if arrow:
+                leader = (point, (box.x0 if dx > 0 else box.x1, (box.y0 + box.y1) / 2))
                 cost += (50 * sum(_segment_in_box(leader, b) for b in placed)
                          + 200 * sum(_segments_cross(leader, other) for other in leaders))
             if best is None or cost < best[0]:
                 if best is not None:
                     best[1].remove()
-                best = (cost, ann, box, leader if arrow else None)
+                best = (cost, ann, box, leader)
             else:
                 ann.remove()
             if cost == 0:
