@@ -518,7 +518,7 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
         k = seen[cell.method] = seen.get(cell.method, -1) + 1
         shade[id(cell)] = tuple(c + (1 - c) * min(0.6, 0.3 * k)
                                 for c in to_rgb(_color(cell.method)))
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     for ax, (key, name, log) in zip(axes, keys):
         for cell in with_curves:
             epochs, mean = _seed_mean_curve(cell, key)
@@ -533,10 +533,13 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=6, ncol=2)
+    # Right of the panels: inside one, a legend of many cells hides curves.
+    legend = fig.legend(*axes[-1].get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.canvas.draw()
+    share = legend.get_window_extent().width / fig.bbox.width
     fig.suptitle(f"Learning curves (mean over seeds; dashed: paper variant, dotted: another "
                  f"dropout than the arch's): {title}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - share - 0.005, 1))
     _save(fig, path)
     return True
 

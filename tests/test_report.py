@@ -205,3 +205,22 @@ def test_crowded_point_labels_neither_overlap_nor_leave_the_axes():
         for b in boxes[i + 1:]:
             assert report._area(a, b) == 0
     plt.close(fig)
+
+
+def test_the_learning_curves_legend_of_many_cells_covers_no_panel(tmp_path, monkeypatch):
+    """Sixteen cells: the legend sits beside the four panels, its box clear of each."""
+    for i, beta in enumerate(range(1, 17)):
+        write_run(tmp_path, f"trades{beta}-s0", "trades", {"beta": float(beta)}, 0, 10.0 + i)
+    cells = report.cells_of(report.load_runs(str(tmp_path)))
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    assert report.plot_learning_curves(cells, str(tmp_path / "l.png"), "t")
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == 16
+    assert box.x1 <= fig.bbox.width + 0.5  # inside the figure
+    for ax in fig.axes:
+        assert report._area(box, ax.get_window_extent(renderer)) == 0
+    report._pyplot().close(fig)
