@@ -209,8 +209,8 @@ def test_crowded_point_labels_neither_overlap_nor_leave_the_axes():
 
 def test_the_learning_curves_legend_of_many_cells_covers_no_panel(tmp_path, monkeypatch):
     """Sixteen cells: the legend sits beside the four panels, its box clear of each."""
-    for i, beta in enumerate(range(1, 17)):
-        write_run(tmp_path, f"trades{beta}-s0", "trades", {"beta": float(beta)}, 0, 10.0 + i)
+    for beta in range(1, 17):
+        write_run(tmp_path, f"trades{beta}-s0", "trades", {"beta": float(beta)}, 0, 10.0 + beta)
     cells = report.cells_of(report.load_runs(str(tmp_path)))
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
