@@ -331,6 +331,17 @@ def _save(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
+def _legend_outside(fig, ax, side: str, **kwargs) -> None:
+    """The final layout of a multi-panel figure: one legend of ax's lines right of the panels
+    (side "right") or below them ("below"), and tight_layout leaving it its measured room.
+    Inside a panel a legend hides curves or points."""
+    legend = fig.legend(*ax.get_legend_handles_labels(),
+                        loc={"right": "center right", "below": "lower center"}[side], **kwargs)
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    fig.tight_layout(rect=(0, 0, 1 - box.width / fig.bbox.width - 0.005, 1) if side == "right"
+                     else (0, box.height / fig.bbox.height + 0.005, 1, 1))
+
+
 def _segments_cross(a, b) -> bool:
     """Whether segments a and b, each ((x0, y0), (x1, y1)), properly cross."""
     def side(p, q, r):
@@ -484,10 +495,8 @@ def plot_dropout(cells: list[Cell], path: str, title: str) -> bool:
         ax.set_xlabel("dropout rate")
         ax.set_title(names[key] + (" (%)" if "lipschitz" not in key else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(multi),
-               fontsize=7)  # below the panels: inside one it hides points
     fig.suptitle(f"Dropout: {title}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _legend_outside(fig, axes[0], "below", ncol=len(multi), fontsize=7)
     _save(fig, path)
     return True
 
@@ -533,13 +542,9 @@ def plot_learning_curves(cells: list[Cell], path: str, title: str) -> bool:
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    # Right of the panels: inside one, a legend of many cells hides curves.
-    legend = fig.legend(*axes[-1].get_legend_handles_labels(), loc="center right", fontsize=7)
-    fig.canvas.draw()
-    share = legend.get_window_extent().width / fig.bbox.width
     fig.suptitle(f"Learning curves (mean over seeds; dashed: paper variant, dotted: another "
                  f"dropout than the arch's): {title}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - share - 0.005, 1))
+    _legend_outside(fig, axes[-1], "right", fontsize=7)
     _save(fig, path)
     return True
 
@@ -586,10 +591,9 @@ def plot_gap_curves(cells: list[Cell], path: str, title: str) -> bool:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy on the subset (%)", fontsize=8)
-    axes[0, 0].legend(fontsize=6, loc="lower right")
     fig.suptitle(f"Where the gaps open: train (solid) against test (dashed), clean and PGD, "
                  f"eval mode, mean over seeds: {title}", fontsize=10)
-    fig.tight_layout()
+    _legend_outside(fig, axes[0, 0], "below", ncol=2 * min(ncols, 2), fontsize=7)
     _save(fig, path)
     return True
 

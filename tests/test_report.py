@@ -178,6 +178,19 @@ def test_gap_curves_are_one_panel_per_cell_with_the_seed_mean_of_the_last_gaps(t
     (fig,) = figures
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == ["AT official, 2 seeds\nlast gaps: clean 28.0, PGD 20.0"]
+    assert legend_clear_of_the_panels(fig) == 4
+
+
+def legend_clear_of_the_panels(fig) -> int:
+    """Asserts that fig's one legend lies inside the figure and outside every panel; returns
+    its number of entries."""
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert box.x0 >= -0.5 and box.y0 >= -0.5 and box.x1 <= fig.bbox.width + 0.5
+    for ax in fig.axes:
+        assert report._area(box, ax.get_window_extent(renderer)) == 0
+    return len(legend.get_texts())
 
 
 def test_crowded_point_labels_neither_overlap_nor_leave_the_axes():
@@ -216,11 +229,5 @@ def test_the_learning_curves_legend_of_many_cells_covers_no_panel(tmp_path, monk
     monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
     assert report.plot_learning_curves(cells, str(tmp_path / "l.png"), "t")
     (fig,) = figures
-    renderer = fig.canvas.get_renderer()
-    (legend,) = fig.legends
-    box = legend.get_window_extent(renderer)
-    assert len(legend.get_texts()) == 16
-    assert box.x1 <= fig.bbox.width + 0.5  # inside the figure
-    for ax in fig.axes:
-        assert report._area(box, ax.get_window_extent(renderer)) == 0
+    assert legend_clear_of_the_panels(fig) == 16
     report._pyplot().close(fig)
